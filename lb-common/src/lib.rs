@@ -1,0 +1,230 @@
+//! Types and pure logic shared by the XDP/TC programs (lb-ebpf) and userspace (lb-user).
+//!
+//! Conventions, the same in every map:
+//! - Addresses are `[u32; 4]` so IPv6 fits without a redesign. An IPv4 address sits in
+//!   `addr[0]` exactly as its four bytes appear on the wire (`u32::from_ne_bytes(octets)`),
+//!   the other words are zero. Use [`v4`] / [`v4_octets`] to convert.
+//! - Ports are stored in network byte order (`u16::from_ne_bytes(wire bytes)`), see [`port_be`].
+//! - No bool/enum/Option in map values: flags are integers, padding is explicit and every
+//!   type has a size assertion, so both sides agree byte for byte.
+#![no_std]
+
+pub mod csum;
+pub mod hash;
+pub mod stats;
+
+pub use stats::Reason;
+
+/// Maximum node addresses the NodePort wildcard matches (per node, IPv4).
+pub const MAX_NODE_ADDRS: usize = 4;
+/// Default Maglev table size (prime), as in Cilium and DESIGN.md.
+pub const DEFAULT_MAGLEV_SIZE: u32 = 16381;
+/// Backend id 0 is reserved: "no backend" in rings and ct entries.
+pub const BACKEND_ID_NONE: u32 = 0;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// IPv4 address (wire order) in the shared `[u32; 4]` form.
+#[inline(always)]
+pub const fn v4(octets: [u8; 4]) -> [u32; 4] {
+    [u32::from_ne_bytes(octets), 0, 0, 0]
+}
+
+/// The IPv4 octets back from the shared form.
+#[inline(always)]
+pub const fn v4_octets(addr: [u32; 4]) -> [u8; 4] {
+    addr[0].to_ne_bytes()
+}
+
+/// A host-order port in the network-order form the maps hold.
+#[inline(always)]
+pub const fn port_be(port: u16) -> u16 {
+    u16::from_ne_bytes(port.to_be_bytes())
+}
+
+/// A network-order port from a map back to host order.
+#[inline(always)]
+pub const fn port_host(port_be: u16) -> u16 {
+    u16::from_be_bytes(port_be.to_ne_bytes())
+}
+
+/// Key of `FRONTENDS`: a Service frontend. A NodePort frontend uses the all-zero address
+/// (the wildcard) and matches every address in `Config::node_addrs`; LoadBalancer ingress
+/// IPs and externalIPs use their exact address. TCP and UDP are different frontends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FrontendKey {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FrontendKey>() == 20);
+
+/// `Frontend::flags`: sessionAffinity ClientIP is on (see `affinity_timeout_s`).
+pub const FE_AFFINITY: u32 = 1;
+/// `Frontend::flags`: externalTrafficPolicy Local (the ring holds local backends only).
+pub const FE_LOCAL_ONLY: u32 = 2;
+
+/// Value of `FRONTENDS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Frontend {
+    /// Slot of this frontend's Maglev ring in `MAGLEV` (ring i occupies
+    /// `[i * maglev_size, (i + 1) * maglev_size)`) and its identity in ct/affinity entries.
+    pub service_id: u32,
+    /// Number of backends that may take new flows; 0 means "no endpoints" (XDP_PASS, so the
+    /// kernel answers as kube-proxy would).
+    pub backend_count: u32,
+    pub flags: u32,
+    pub affinity_timeout_s: u32,
+}
+const _: () = assert!(core::mem::size_of::<Frontend>() == 16);
+
+/// `Backend::flags`: the slot holds a backend.
+pub const BE_ACTIVE: u8 = 1;
+/// `Backend::flags`: the pod is on this node (DNAT + redirect into its veth).
+pub const BE_LOCAL: u8 = 2;
+/// `Backend::flags`: terminating: keeps its established flows, gets no new ones.
+pub const BE_TERMINATING: u8 = 4;
+
+/// Value of `BACKENDS` (an array indexed by backend id; id 0 reserved). A backend is one
+/// (pod address, target port) pair together with how to deliver to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub flags: u8,
+    pub _pad0: u8,
+    /// Local: the pod's host-side veth. Remote: the NIC towards the owning node.
+    pub ifindex: u32,
+    /// Local: the pod's MAC. Remote: the owning node's MAC.
+    pub dmac: [u8; 6],
+    /// The MAC of `ifindex`.
+    pub smac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 36);
+
+/// `Config::flags`: decrement TTL on forwarded packets like a router (default on).
+pub const CFG_DEC_TTL: u32 = 1;
+
+/// Value of `CONFIG[0]`: per-node settings written by userspace before attaching.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// This node's IPv4 addresses (wire order), 0 = unused slot. NodePort matches these.
+    pub node_addrs: [u32; MAX_NODE_ADDRS],
+    /// Source address for SNAT to remote backends (wire order).
+    pub snat_addr: u32,
+    pub maglev_size: u32,
+    /// SNAT source port range, host byte order, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub flags: u32,
+    /// A SNAT port whose flow saw no reply for this long may be reused.
+    pub snat_idle_s: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
+
+/// A directional 5-tuple: key of `CONNTRACK` (client -> frontend, as received) and of
+/// `REVNAT` (backend -> client or backend -> SNAT address, as the reply arrives).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+
+/// `RevNatEntry::flags`: the entry undoes SNAT (a reply to a flow forwarded to a remote node).
+pub const REV_SNAT: u8 = 1;
+
+/// `CtEntry::flags`: the flow is SNATed to a remote backend.
+pub const CT_SNAT: u8 = 1;
+
+/// Value of `CONNTRACK`: which backend an established flow uses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtEntry {
+    pub backend_id: u32,
+    /// The frontend's service_id when the flow was created; a mismatch (service deleted
+    /// and the slot reused) makes the entry stale.
+    pub service_id: u32,
+    /// SNAT source port (network order) when `flags & CT_SNAT`.
+    pub snat_port: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    pub _pad1: u32,
+}
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
+
+/// Value of `REVNAT`: how to turn a reply back into what the client expects.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RevNatEntry {
+    /// Becomes the reply's source (the frontend the client talked to).
+    pub frontend_addr: [u32; 4],
+    /// Becomes the reply's destination (only changes for SNATed flows).
+    pub client_addr: [u32; 4],
+    /// Network byte order.
+    pub frontend_port: u16,
+    /// Network byte order.
+    pub client_port: u16,
+    /// Interface the request came in on: the reply leaves through it.
+    pub ifindex: u32,
+    /// The request's source MAC: the reply's destination MAC.
+    pub client_mac: [u8; 6],
+    /// The request's destination MAC (ours): the reply's source MAC.
+    pub node_mac: [u8; 6],
+    pub flags: u8,
+    pub _pad: [u8; 3],
+    /// Seconds (bpf_ktime_get_ns() / 1e9) when a reply last used a SNAT entry; a SNAT port
+    /// idle for longer than `Config::snat_idle_s` may be taken by a new flow.
+    pub stamp_s: u32,
+}
+const _: () = assert!(core::mem::size_of::<RevNatEntry>() == 60);
+
+/// Key of `AFFINITY`: sessionAffinity ClientIP per service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    pub client: [u32; 4],
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 20);
+
+/// Value of `AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityEntry {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the last new flow that used it.
+    pub last_used_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AffinityEntry>() == 16);
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::*;
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for Frontend {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for RevNatEntry {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityEntry {}
+}

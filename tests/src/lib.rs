@@ -1,0 +1,1 @@
+//! Shared test support: packet builder, independent checksums, namespace guards.
