@@ -1,11 +1,180 @@
+//! The data plane's kernel side. Two programs share the maps in `maps`:
+//! - `lb_ingress` (XDP, on the node NIC): service traffic in, reverse-NAT of replies to
+//!   SNATed flows;
+//! - `lb_reply` (TC ingress, on local pods' host-side veths): reverse-NAT of pod replies.
+//!
+//! The request path reads top to bottom: parse, lookup_service, ct_lookup, select_backend,
+//! ct_create, dnat (rewrite), redirect. Every packet ends in exactly one counted `Reason`.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+mod lb;
+mod maps;
+mod nat;
+mod parse;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_REDIRECT},
+    helpers::bpf_redirect,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use lb_common::{Reason, BE_LOCAL, REV_SNAT};
+
+use crate::{
+    lb::Flow,
+    maps::{CONFIG, REVNAT},
+    nat::Rewrite,
+    parse::{parse, ptr_at, EthHdr},
+};
 
 #[xdp]
-pub fn lb_ingress(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+pub fn lb_ingress(ctx: XdpContext) -> u32 {
+    let (verdict, reason) = match try_lb_ingress(&ctx) {
+        Ok(done) => done,
+        // Anything we do not accelerate is the kernel's (and kube-proxy's) to handle.
+        Err(reason) => (xdp_action::XDP_PASS, reason),
+    };
+    stats::count(reason);
+    verdict
+}
+
+fn try_lb_ingress(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    let p = parse(ctx)?;
+    let cfg = CONFIG.get(0).ok_or(Reason::PassInternal)?;
+    let ingress = ctx.ingress_ifindex() as u32;
+
+    // A reply to a flow we forwarded to another node: undo SNAT and DNAT, back to the client.
+    if let Some(rev) = lb::snat_reply_lookup(cfg, &p) {
+        if p.ttl <= 1 {
+            return Err(Reason::PassTtl);
+        }
+        lb::snat_touch(rev);
+        let rev = unsafe { *rev };
+        let r = Rewrite {
+            saddr: rev.frontend_addr[0],
+            daddr: rev.client_addr[0],
+            sport: rev.frontend_port,
+            dport: rev.client_port,
+            dmac: rev.client_mac,
+            smac: rev.node_mac,
+        };
+        nat::rewrite_xdp(ctx, &p, &r, cfg.flags)?;
+        return Ok((xmit(rev.ifindex, ingress), Reason::RevNatRemote));
+    }
+
+    let fe = lb::lookup_service(cfg, &p).ok_or(Reason::PassNonService)?;
+    if p.ttl <= 1 {
+        return Err(Reason::PassTtl);
+    }
+    let flow = match lb::ct_lookup(&p, &fe) {
+        Some(flow) => flow,
+        None => {
+            let (id, be) = lb::select_backend(cfg, &p, &fe)?;
+            let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassInternal)?;
+            let (client_mac, node_mac) = unsafe { ((*eth).src, (*eth).dst) };
+            lb::ct_create(cfg, &p, &fe, id, be, client_mac, node_mac, ingress)?
+        }
+    };
+    dnat_and_deliver(ctx, cfg, &p, &flow, ingress)
+}
+
+#[inline(always)]
+fn dnat_and_deliver(
+    ctx: &XdpContext,
+    cfg: &lb_common::Config,
+    p: &parse::Parsed,
+    flow: &Flow,
+    ingress: u32,
+) -> Result<(u32, Reason), Reason> {
+    let be = &flow.backend;
+    if be.flags & BE_LOCAL != 0 {
+        // One hop, client address kept: straight into the pod's veth.
+        let r = Rewrite {
+            saddr: p.saddr,
+            daddr: be.addr[0],
+            sport: p.sport,
+            dport: be.port,
+            dmac: be.dmac,
+            smac: be.smac,
+        };
+        nat::rewrite_xdp(ctx, p, &r, cfg.flags)?;
+        Ok((xmit(be.ifindex, ingress), Reason::FwdLocal))
+    } else {
+        // externalTrafficPolicy Cluster, pod on another node: SNAT so the reply comes back here.
+        let r = Rewrite {
+            saddr: cfg.snat_addr,
+            daddr: be.addr[0],
+            sport: flow.snat_port,
+            dport: be.port,
+            dmac: be.dmac,
+            smac: be.smac,
+        };
+        nat::rewrite_xdp(ctx, p, &r, cfg.flags)?;
+        Ok((xmit(be.ifindex, ingress), Reason::FwdRemote))
+    }
+}
+
+/// Out of the interface it came in on (XDP_TX), or redirected to another one.
+#[inline(always)]
+fn xmit(ifindex: u32, ingress: u32) -> u32 {
+    if ifindex == ingress {
+        xdp_action::XDP_TX
+    } else {
+        unsafe { bpf_redirect(ifindex, 0) as u32 }
+    }
+}
+
+#[classifier]
+pub fn lb_reply(mut ctx: TcContext) -> i32 {
+    let (verdict, reason) = match try_lb_reply(&mut ctx) {
+        Ok(done) => done,
+        Err(reason) => (TC_ACT_OK, reason),
+    };
+    stats::count(reason);
+    verdict
+}
+
+fn try_lb_reply(ctx: &mut TcContext) -> Result<(i32, Reason), Reason> {
+    let p = match parse(ctx) {
+        Ok(p) => p,
+        Err(_) => {
+            // Headers may sit in a non-linear skb: pull them in once and parse again.
+            ctx.pull_data(64).map_err(|_| Reason::PassTruncL4)?;
+            parse(ctx)?
+        }
+    };
+    let cfg = CONFIG.get(0).ok_or(Reason::PassInternal)?;
+    let key = lb_common::CtKey {
+        saddr: [p.saddr, 0, 0, 0],
+        daddr: [p.daddr, 0, 0, 0],
+        sport: p.sport,
+        dport: p.dport,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    let rev = match unsafe { REVNAT.get(&key) } {
+        Some(rev) if rev.flags & REV_SNAT == 0 => *rev,
+        _ => return Err(Reason::PassNotReply),
+    };
+    if p.ttl <= 1 {
+        return Err(Reason::PassTtl);
+    }
+    let r = Rewrite {
+        saddr: rev.frontend_addr[0],
+        daddr: p.daddr,
+        sport: rev.frontend_port,
+        dport: p.dport,
+        dmac: rev.client_mac,
+        smac: rev.node_mac,
+    };
+    nat::rev_nat_tc(ctx, &p, &r, cfg.flags)?;
+    let verdict = unsafe { bpf_redirect(rev.ifindex, 0) } as i32;
+    if verdict != TC_ACT_REDIRECT {
+        return Ok((verdict, Reason::DropRedirectFailed));
+    }
+    Ok((verdict, Reason::RevNatLocal))
 }
 
 #[cfg(not(test))]

@@ -1,2 +1,6 @@
 //! lb-user: loads the data plane, translates Kubernetes objects into its maps, and
 //! answers operator questions about it.
+pub mod dataplane;
+pub mod maglev;
+pub mod object;
+pub mod netinfo;

@@ -1,1 +1,100 @@
-fn main() {}
+//! Developer commands. `cargo xtask` is an alias (.cargo/config.toml) for running this crate.
+
+mod cmd;
+mod run_bin;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use lb_ebpf_build::{EbpfBuild, Profile};
+
+use crate::run_bin::Suite;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "lbx developer commands"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain and test tools (Debian packages, bpf-linker); idempotent.
+    Setup,
+    /// Build the BPF object (lb-ebpf) and print its path.
+    BuildEbpf {
+        /// Build with lb-ebpf's dev profile instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Run every test and the format check: the command CI runs. Needs root.
+    Test,
+    /// Run a benchmark suite of lb-tests in release mode; extra arguments go to the suite.
+    Bench {
+        suite: Suite,
+        /// Passed to the suite's binary, e.g. `--json results.json`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the lab demo (lb-tests' lbx-demo binary) in release mode.
+    Demo {
+        /// Passed to lbx-demo.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> anyhow::Result<ExitCode> {
+    match task {
+        Task::Setup => setup::run()?,
+        Task::BuildEbpf { debug } => {
+            setup::run()?;
+            let profile = if debug {
+                Profile::Debug
+            } else {
+                Profile::Release
+            };
+            let object = EbpfBuild::new(cmd::workspace_root())
+                .profile(profile)
+                .run()
+                .context("cargo xtask build-ebpf")?;
+            println!("{}", object.display());
+        }
+        Task::Test => test::run()?,
+        Task::Bench { suite, args } => {
+            // The suite builds lb-user, whose build script needs the eBPF toolchain.
+            setup::run()?;
+            return Ok(exit_code(run_bin::run(suite.binary(), &args)?));
+        }
+        Task::Demo { args } => {
+            setup::run()?;
+            return Ok(exit_code(run_bin::run(run_bin::DEMO_BINARY, &args)?));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A child's exit code, or failure if a signal ended it.
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    match status.code() {
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    }
+}

@@ -1,0 +1,269 @@
+//! The load-balancing decisions, in pipeline order: lookup_service, ct_lookup,
+//! select_backend, ct_create (with SNAT port allocation for remote backends).
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use lb_common::{
+    hash::{client_hash, flow_hash},
+    port_be, port_host, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, Frontend,
+    FrontendKey, Reason, RevNatEntry, BE_ACTIVE, BE_LOCAL, BE_TERMINATING, CT_SNAT, FE_AFFINITY,
+    REV_SNAT,
+};
+
+use crate::{
+    maps::{AFFINITY, BACKENDS, CONNTRACK, FRONTENDS, MAGLEV, REVNAT},
+    parse::Parsed,
+};
+
+/// How many SNAT ports a new remote flow tries before giving up (bounded for the verifier).
+const SNAT_PROBES: u32 = 8;
+const NS_PER_S: u64 = 1_000_000_000;
+
+/// The backend a packet goes to, and the SNAT source port when it is remote.
+pub struct Flow {
+    pub backend: Backend,
+    pub snat_port: u16,
+}
+
+#[inline(always)]
+fn is_node_addr(cfg: &Config, addr: u32) -> bool {
+    addr != 0
+        && (cfg.node_addrs[0] == addr
+            || cfg.node_addrs[1] == addr
+            || cfg.node_addrs[2] == addr
+            || cfg.node_addrs[3] == addr)
+}
+
+#[inline(always)]
+fn ct_key(p: &Parsed) -> CtKey {
+    CtKey {
+        saddr: [p.saddr, 0, 0, 0],
+        daddr: [p.daddr, 0, 0, 0],
+        sport: p.sport,
+        dport: p.dport,
+        proto: p.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Is this a reply to a flow we SNATed towards a remote backend? Only packets addressed to
+/// the SNAT address and port range are looked up.
+#[inline(always)]
+pub fn snat_reply_lookup(cfg: &Config, p: &Parsed) -> Option<*mut RevNatEntry> {
+    if cfg.snat_addr == 0 || p.daddr != cfg.snat_addr {
+        return None;
+    }
+    let port = port_host(p.dport);
+    if port < cfg.snat_port_min || port > cfg.snat_port_max {
+        return None;
+    }
+    let rev = REVNAT.get_ptr_mut(&ct_key(p))?;
+    if unsafe { (*rev).flags } & REV_SNAT == 0 {
+        return None;
+    }
+    Some(rev)
+}
+
+/// Frontend for the destination: node addresses match NodePort wildcard entries first, then
+/// exact entries (LoadBalancer ingress IPs and externalIPs).
+#[inline(always)]
+pub fn lookup_service(cfg: &Config, p: &Parsed) -> Option<Frontend> {
+    let mut key = FrontendKey {
+        addr: [0; 4],
+        port: p.dport,
+        proto: p.proto,
+        _pad: 0,
+    };
+    if is_node_addr(cfg, p.daddr) {
+        if let Some(fe) = unsafe { FRONTENDS.get(&key) } {
+            return Some(*fe);
+        }
+    }
+    key.addr[0] = p.daddr;
+    unsafe { FRONTENDS.get(&key) }.copied()
+}
+
+#[inline(always)]
+fn backend(id: u32) -> Option<Backend> {
+    let be = BACKENDS.get(id)?;
+    if be.flags & BE_ACTIVE == 0 {
+        return None;
+    }
+    Some(*be)
+}
+
+/// Established flow: reuse its backend while it exists, so backend-set changes do not break
+/// it. A terminating backend keeps its flows, but a new SYN on the same tuple reselects.
+#[inline(always)]
+pub fn ct_lookup(p: &Parsed, fe: &Frontend) -> Option<Flow> {
+    let ct = unsafe { CONNTRACK.get(&ct_key(p)) }?;
+    if ct.service_id != fe.service_id {
+        return None;
+    }
+    let be = backend(ct.backend_id)?;
+    if be.flags & BE_TERMINATING != 0 && p.is_syn() {
+        return None;
+    }
+    Some(Flow {
+        backend: be,
+        snat_port: ct.snat_port,
+    })
+}
+
+/// New flow: sessionAffinity first (if on and fresh), else the service's Maglev ring.
+/// Returns the backend id and the backend.
+#[inline(always)]
+pub fn select_backend(cfg: &Config, p: &Parsed, fe: &Frontend) -> Result<(u32, Backend), Reason> {
+    if fe.backend_count == 0 {
+        return Err(Reason::PassNoBackend);
+    }
+    let affinity = fe.flags & FE_AFFINITY != 0;
+    let saddr = [p.saddr, 0, 0, 0];
+    let akey = AffinityKey {
+        client: saddr,
+        service_id: fe.service_id,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if affinity {
+        if let Some(a) = AFFINITY.get_ptr_mut(&akey) {
+            let a = unsafe { &mut *a };
+            let fresh = now.wrapping_sub(a.last_used_ns) <= fe.affinity_timeout_s as u64 * NS_PER_S;
+            if fresh {
+                if let Some(be) = backend(a.backend_id) {
+                    if be.flags & BE_TERMINATING == 0 {
+                        a.last_used_ns = now;
+                        return Ok((a.backend_id, be));
+                    }
+                }
+            }
+        }
+    }
+
+    let m = cfg.maglev_size;
+    if m == 0 {
+        return Err(Reason::PassInternal);
+    }
+    let hash = if affinity {
+        client_hash(&saddr)
+    } else {
+        flow_hash(&saddr, &[p.daddr, 0, 0, 0], p.sport, p.dport, p.proto)
+    };
+    let slot = fe.service_id.wrapping_mul(m).wrapping_add(hash % m);
+    let pair = MAGLEV.get(slot / 2).ok_or(Reason::PassBackendMissing)?;
+    let id = if slot & 1 == 0 { pair[0] } else { pair[1] };
+    let be = backend(id).ok_or(Reason::PassBackendMissing)?;
+
+    if affinity {
+        let entry = AffinityEntry {
+            backend_id: id,
+            _pad: 0,
+            last_used_ns: now,
+        };
+        // Best effort: without the entry the client hash still picks the same backend.
+        let _ = AFFINITY.insert(&akey, &entry, 0);
+    }
+    Ok((id, be))
+}
+
+/// Records the new flow: the ct entry, and the reverse-NAT entry its replies will hit. For a
+/// remote backend this allocates the SNAT source port.
+#[inline(always)]
+pub fn ct_create(
+    cfg: &Config,
+    p: &Parsed,
+    fe: &Frontend,
+    id: u32,
+    be: Backend,
+    client_mac: [u8; 6],
+    node_mac: [u8; 6],
+    ingress_ifindex: u32,
+) -> Result<Flow, Reason> {
+    let mut rev = RevNatEntry {
+        frontend_addr: [p.daddr, 0, 0, 0],
+        client_addr: [p.saddr, 0, 0, 0],
+        frontend_port: p.dport,
+        client_port: p.sport,
+        ifindex: ingress_ifindex,
+        client_mac,
+        node_mac,
+        flags: 0,
+        _pad: [0; 3],
+        stamp_s: 0,
+    };
+    let mut ct = CtEntry {
+        backend_id: id,
+        service_id: fe.service_id,
+        snat_port: 0,
+        flags: 0,
+        _pad: 0,
+        _pad1: 0,
+    };
+
+    if be.flags & BE_LOCAL != 0 {
+        let rkey = CtKey {
+            saddr: be.addr,
+            daddr: [p.saddr, 0, 0, 0],
+            sport: be.port,
+            dport: p.sport,
+            proto: p.proto,
+            _pad: [0; 3],
+        };
+        REVNAT.insert(&rkey, &rev, 0).map_err(|_| Reason::PassCtFull)?;
+    } else {
+        ct.snat_port = snat_alloc(cfg, p, &be, &mut rev)?;
+        ct.flags = CT_SNAT;
+    }
+    CONNTRACK
+        .insert(&ct_key(p), &ct, 0)
+        .map_err(|_| Reason::PassCtFull)?;
+    Ok(Flow {
+        backend: be,
+        snat_port: ct.snat_port,
+    })
+}
+
+/// Picks a free SNAT port for (snat_addr -> backend): a hash-chosen start, a few probes, and a
+/// port idle (no reply) for longer than `snat_idle_s` counts as free.
+#[inline(always)]
+fn snat_alloc(cfg: &Config, p: &Parsed, be: &Backend, rev: &mut RevNatEntry) -> Result<u16, Reason> {
+    if cfg.snat_addr == 0 || cfg.snat_port_max < cfg.snat_port_min {
+        return Err(Reason::PassSnatExhausted);
+    }
+    let range = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
+    let now_s = (unsafe { bpf_ktime_get_ns() } / NS_PER_S) as u32;
+    rev.flags = REV_SNAT;
+    rev.stamp_s = now_s;
+    let start = flow_hash(&[p.saddr, 0, 0, 0], &[p.daddr, 0, 0, 0], p.sport, p.dport, p.proto);
+    let mut i = 0;
+    while i < SNAT_PROBES {
+        let port = cfg.snat_port_min + ((start.wrapping_add(i.wrapping_mul(7919))) % range) as u16;
+        let rkey = CtKey {
+            saddr: be.addr,
+            daddr: [cfg.snat_addr, 0, 0, 0],
+            sport: be.port,
+            dport: port_be(port),
+            proto: p.proto,
+            _pad: [0; 3],
+        };
+        if REVNAT.insert(&rkey, &*rev, BPF_NOEXIST as u64).is_ok() {
+            return Ok(port_be(port));
+        }
+        if let Some(old) = unsafe { REVNAT.get(&rkey) } {
+            if now_s.wrapping_sub(old.stamp_s) > cfg.snat_idle_s && REVNAT.insert(&rkey, &*rev, 0).is_ok() {
+                return Ok(port_be(port));
+            }
+        }
+        i += 1;
+    }
+    Err(Reason::PassSnatExhausted)
+}
+
+/// Refreshes a SNAT entry's idle stamp when a reply uses it (written only once a second).
+#[inline(always)]
+pub fn snat_touch(rev: *mut RevNatEntry) {
+    let now_s = (unsafe { bpf_ktime_get_ns() } / NS_PER_S) as u32;
+    unsafe {
+        if (*rev).stamp_s != now_s {
+            (*rev).stamp_s = now_s;
+        }
+    }
+}

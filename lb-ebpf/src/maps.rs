@@ -1,0 +1,57 @@
+//! Every map of the data plane, in one place. Userspace (lb-user) owns the contents of the
+//! control maps and resizes them at load time (`EbpfLoader::set_max_entries`); the programs
+//! write only the connection state maps and the counters.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    stats::NUM_REASONS, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, Frontend,
+    FrontendKey, RevNatEntry,
+};
+
+/// `BPF_F_MMAPABLE`: userspace writes whole Maglev rings through mmap instead of one
+/// syscall per slot (10 000 services x 16381 slots would otherwise take minutes).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Per-node settings (`CONFIG[0]`). Written by userspace before the programs attach.
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Service frontends: {addr (0 = NodePort wildcard), port, proto} -> service slot and flags.
+/// Written by userspace (reconcile), read per packet.
+#[map]
+pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::with_max_entries(65536, 0);
+
+/// Backends by id (id 0 reserved): where a pod is and how to deliver to it. Userspace writes a
+/// backend before any ring references it and clears it only after no ring does.
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(65536, 0);
+
+/// Maglev lookup tables, one ring of `Config::maglev_size` backend ids per service slot,
+/// laid end to end: ring slot `s` of the flat u32 sequence is `MAGLEV[s / 2][s % 2]`. Pairs,
+/// because array elements are 8-byte aligned in the kernel: a u32 element would waste half.
+/// Built in userspace; only changed positions are rewritten.
+#[map]
+pub static MAGLEV: Array<[u32; 2]> = Array::with_max_entries(64 * 16381 / 2, BPF_F_MMAPABLE);
+
+/// Connection tracking, client -> frontend 5-tuple as received -> chosen backend. Written by
+/// the XDP program on a flow's first packet; LRU so it never fills up.
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(262144, 0);
+
+/// Reverse NAT, keyed by the reply's 5-tuple as it reaches this node: what to restore. Written
+/// by the XDP program with the ct entry; read by the TC reply program (local backends) and the
+/// XDP program (replies to SNATed flows).
+#[map]
+pub static REVNAT: LruHashMap<CtKey, RevNatEntry> = LruHashMap::with_max_entries(262144, 0);
+
+/// sessionAffinity ClientIP: {client, service slot} -> backend and last use.
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
+    LruHashMap::with_max_entries(65536, 0);
+
+/// Per-CPU packet counters indexed by `lb_common::Reason`; userspace sums the CPUs.
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_REASONS, 0);

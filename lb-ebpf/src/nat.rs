@@ -1,0 +1,109 @@
+//! Header rewrites: DNAT/SNAT/reverse-NAT with incremental checksums and a router's TTL
+//! decrement. XDP rewrites the packet in place (checksums on the wire are complete); TC uses
+//! the kernel's checksum helpers, which also handle CHECKSUM_PARTIAL skbs from local pods.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::{TcContext, XdpContext},
+};
+use lb_common::{csum, Reason, CFG_DEC_TTL, PROTO_UDP};
+
+use crate::parse::{ptr_at, EthHdr, Ipv4Hdr, Parsed, Ports};
+
+/// What the packet's headers become.
+pub struct Rewrite {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+}
+
+/// Offset of the TTL/protocol 16-bit word inside the IPv4 header.
+const IP_TTL_OFF: usize = 8;
+const IP_CSUM_OFF: usize = 10;
+const IP_SADDR_OFF: usize = 12;
+const ETH_SRC_OFF: usize = 6;
+
+#[inline(always)]
+fn ttl_word(ttl: u8, proto: u8) -> u16 {
+    u16::from_ne_bytes([ttl, proto])
+}
+
+/// Rewrites an XDP packet in place.
+#[inline(always)]
+pub fn rewrite_xdp(ctx: &XdpContext, p: &Parsed, r: &Rewrite, cfg_flags: u32) -> Result<(), Reason> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassInternal)?;
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Reason::PassInternal)?;
+    let ports: *mut Ports = ptr_at(ctx, p.l4_off).ok_or(Reason::PassInternal)?;
+    let l4_csum: *mut u16 = ptr_at(ctx, p.l4_csum_off()).ok_or(Reason::PassInternal)?;
+    let udp = p.proto == PROTO_UDP;
+    unsafe {
+        (*eth).dst = r.dmac;
+        (*eth).src = r.smac;
+
+        let ip = &mut *ip;
+        let mut check = ip.check;
+        if cfg_flags & CFG_DEC_TTL != 0 {
+            let new_ttl = p.ttl - 1;
+            check = csum::replace2(check, ttl_word(p.ttl, p.proto), ttl_word(new_ttl, p.proto));
+            ip.ttl = new_ttl;
+        }
+        check = csum::replace4(check, p.saddr, r.saddr);
+        check = csum::replace4(check, p.daddr, r.daddr);
+        ip.check = check;
+        ip.saddr = r.saddr;
+        ip.daddr = r.daddr;
+
+        let mut l4 = *l4_csum;
+        if udp {
+            l4 = csum::udp_replace4(l4, p.saddr, r.saddr);
+            l4 = csum::udp_replace4(l4, p.daddr, r.daddr);
+            l4 = csum::udp_replace2(l4, p.sport, r.sport);
+            l4 = csum::udp_replace2(l4, p.dport, r.dport);
+        } else {
+            l4 = csum::replace4(l4, p.saddr, r.saddr);
+            l4 = csum::replace4(l4, p.daddr, r.daddr);
+            l4 = csum::replace2(l4, p.sport, r.sport);
+            l4 = csum::replace2(l4, p.dport, r.dport);
+        }
+        *l4_csum = l4;
+        (*ports).sport = r.sport;
+        (*ports).dport = r.dport;
+    }
+    Ok(())
+}
+
+/// Reverse NAT of a reply from a local pod (TC): the source becomes the frontend again.
+/// Only the source address/port, TTL and MACs change; the destination is the client already.
+#[inline(always)]
+pub fn rev_nat_tc(ctx: &mut TcContext, p: &Parsed, r: &Rewrite, cfg_flags: u32) -> Result<(), Reason> {
+    let l4_csum_off = p.l4_csum_off();
+    let mangled0 = if p.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let ip_csum_off = p.l3_off + IP_CSUM_OFF;
+    let e = |_| Reason::PassInternal;
+
+    ctx.l4_csum_replace(l4_csum_off, p.saddr as u64, r.saddr as u64, BPF_F_PSEUDO_HDR as u64 | mangled0 | 4)
+        .map_err(e)?;
+    ctx.l4_csum_replace(l4_csum_off, p.sport as u64, r.sport as u64, mangled0 | 2)
+        .map_err(e)?;
+    ctx.l3_csum_replace(ip_csum_off, p.saddr as u64, r.saddr as u64, 4)
+        .map_err(e)?;
+    if cfg_flags & CFG_DEC_TTL != 0 {
+        let new_ttl = p.ttl - 1;
+        ctx.l3_csum_replace(
+            ip_csum_off,
+            ttl_word(p.ttl, p.proto) as u64,
+            ttl_word(new_ttl, p.proto) as u64,
+            2,
+        )
+        .map_err(e)?;
+        ctx.store(p.l3_off + IP_TTL_OFF, &new_ttl, 0).map_err(e)?;
+    }
+    ctx.store(p.l3_off + IP_SADDR_OFF, &r.saddr, 0).map_err(e)?;
+    ctx.store(p.l4_off, &r.sport, 0).map_err(e)?;
+    ctx.store(0, &r.dmac, 0).map_err(e)?;
+    ctx.store(ETH_SRC_OFF, &r.smac, 0).map_err(e)?;
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! Header parsing shared by the XDP (request) and TC (reply) programs: Ethernet (+ one
+//! 802.1Q tag), IPv4 without options, TCP/UDP. Anything else is a `Reason`, never a crash.
+
+use aya_ebpf::programs::{TcContext, XdpContext};
+use core::mem::size_of;
+use lb_common::{Reason, PROTO_TCP, PROTO_UDP};
+
+/// Raw packet bounds of either program type.
+pub trait PacketBuf {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+}
+
+impl PacketBuf for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+}
+
+impl PacketBuf for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+}
+
+/// The one checked accessor: every header access goes through it.
+#[inline(always)]
+pub fn ptr_at<T, C: PacketBuf>(ctx: &C, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + off + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    /// Network byte order.
+    pub proto: u16,
+}
+
+#[repr(C)]
+pub struct VlanHdr {
+    pub tci: u16,
+    pub proto: u16,
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub ver_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+/// The part of TCP and UDP headers the data plane touches: ports come first in both.
+#[repr(C)]
+pub struct Ports {
+    pub sport: u16,
+    pub dport: u16,
+}
+
+pub const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
+const IPV4_HLEN: usize = 20;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const ETH_P_IP: u16 = u16::from_ne_bytes(0x0800u16.to_be_bytes());
+const ETH_P_8021Q: u16 = u16::from_ne_bytes(0x8100u16.to_be_bytes());
+/// MF flag and fragment offset, network byte order.
+const IP_MF_OFFSET: u16 = u16::from_ne_bytes(0x3fffu16.to_be_bytes());
+pub const TCP_FLAG_SYN: u8 = 0x02;
+
+/// Offsets of a TCP/UDP checksum inside its header.
+pub const TCP_CSUM_OFF: usize = 16;
+pub const UDP_CSUM_OFF: usize = 6;
+
+/// A parsed IPv4 TCP/UDP packet: offsets and the fields the pipeline needs (wire order).
+pub struct Parsed {
+    pub l3_off: usize,
+    pub l4_off: usize,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub ttl: u8,
+    pub tcp_flags: u8,
+}
+
+impl Parsed {
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.proto == PROTO_TCP && self.tcp_flags & TCP_FLAG_SYN != 0
+    }
+
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> usize {
+        self.l4_off + if self.proto == PROTO_TCP { TCP_CSUM_OFF } else { UDP_CSUM_OFF }
+    }
+}
+
+#[inline(always)]
+pub fn parse<C: PacketBuf>(ctx: &C) -> Result<Parsed, Reason> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassTruncEth)?;
+    let mut ethertype = unsafe { (*eth).proto };
+    let mut l3_off = ETH_HLEN;
+    if ethertype == ETH_P_8021Q {
+        let vlan: *const VlanHdr = ptr_at(ctx, ETH_HLEN).ok_or(Reason::PassTruncVlan)?;
+        ethertype = unsafe { (*vlan).proto };
+        l3_off += VLAN_HLEN;
+    }
+    if ethertype != ETH_P_IP {
+        return Err(Reason::PassNotIpv4);
+    }
+
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(Reason::PassTruncIp)?;
+    let ip = unsafe { &*ip };
+    // Version 4 and IHL 5 only: options would make every later offset variable.
+    if ip.ver_ihl != 0x45 {
+        return Err(Reason::PassIpOptions);
+    }
+    if ip.frag_off & IP_MF_OFFSET != 0 {
+        return Err(Reason::PassFragment);
+    }
+
+    // The L4 bounds checks come before the total-length checks on purpose: otherwise LLVM
+    // proves them redundant from `tot_len` and drops them, and the verifier (which does not
+    // follow that reasoning) rejects the program.
+    let l4_off = l3_off + IPV4_HLEN;
+    let mut tcp_flags = 0;
+    let l4_min = match ip.proto {
+        PROTO_TCP => {
+            let tcp: *const [u8; TCP_HLEN] = ptr_at(ctx, l4_off).ok_or(Reason::PassTruncL4)?;
+            tcp_flags = unsafe { (*tcp)[13] };
+            TCP_HLEN
+        }
+        PROTO_UDP => {
+            let _: *const [u8; UDP_HLEN] = ptr_at(ctx, l4_off).ok_or(Reason::PassTruncL4)?;
+            UDP_HLEN
+        }
+        _ => return Err(Reason::PassUnknownProto),
+    };
+
+    let tot_len = u16::from_be(ip.tot_len) as usize;
+    // Shorter frames than the IP length are cut; longer ones are Ethernet padding.
+    if tot_len < IPV4_HLEN || ctx.data() + l3_off + tot_len > ctx.data_end() {
+        return Err(Reason::PassBadLen);
+    }
+    if tot_len - IPV4_HLEN < l4_min {
+        return Err(Reason::PassTruncL4);
+    }
+    let ports: *const Ports = ptr_at(ctx, l4_off).ok_or(Reason::PassTruncL4)?;
+    let ports = unsafe { &*ports };
+
+    Ok(Parsed {
+        l3_off,
+        l4_off,
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: ports.sport,
+        dport: ports.dport,
+        proto: ip.proto,
+        ttl: ip.ttl,
+        tcp_flags,
+    })
+}

@@ -1,0 +1,549 @@
+//! The loaded data plane: the BPF object, its maps, and its attachments.
+//!
+//! `Dataplane` is the only code that touches the maps; everything above it (reconcile, the
+//! CLI, tests) goes through its typed methods.
+
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    ptr::NonNull,
+    time::Duration,
+};
+
+use aya::{
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    programs::{
+        tc::{self, TcAttachType},
+        ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode,
+    },
+    Ebpf, EbpfError, EbpfLoader,
+};
+use lb_common::{
+    stats::NUM_REASONS, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, Frontend,
+    FrontendKey, Reason, RevNatEntry, DEFAULT_MAGLEV_SIZE,
+};
+use log::warn;
+
+use crate::object::EBPF_OBJECT;
+
+/// Sizes of the maps, chosen at load time.
+#[derive(Clone, Debug)]
+pub struct DataplaneOptions {
+    /// Service frontend ports that can have a Maglev ring at once.
+    pub max_services: u32,
+    /// Maglev ring size per service (prime).
+    pub maglev_size: u32,
+    /// Backend ids (slot 0 reserved).
+    pub max_backends: u32,
+    /// Frontend entries (a service port has one per frontend address).
+    pub max_frontends: u32,
+    /// Connection tracking and reverse-NAT entries (LRU).
+    pub ct_entries: u32,
+    pub affinity_entries: u32,
+    /// Pin (or reuse already pinned) maps under this bpffs directory, so a restarted agent
+    /// keeps the connection state and the operator CLI can read the maps. None: unpinned.
+    pub pin_dir: Option<std::path::PathBuf>,
+}
+
+impl Default for DataplaneOptions {
+    fn default() -> Self {
+        Self {
+            max_services: 1024,
+            maglev_size: DEFAULT_MAGLEV_SIZE,
+            max_backends: 65536,
+            max_frontends: 65536,
+            ct_entries: 262_144,
+            affinity_entries: 65536,
+            pin_dir: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the BPF object failed (are you root with CAP_BPF, and is the kernel >= 5.15?)")]
+    Load {
+        #[source]
+        source: EbpfError,
+    },
+    #[error("program {name} not found in the BPF object (rebuild with `cargo xtask build-ebpf`)")]
+    MissingProgram { name: &'static str },
+    #[error("map {name} not found in the BPF object (rebuild with `cargo xtask build-ebpf`)")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {op} failed")]
+    Map {
+        name: &'static str,
+        op: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program {name}: {op} failed")]
+    Program {
+        name: &'static str,
+        op: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach XDP to {iface}: native mode failed ({native}) and generic mode failed ({generic}); check that the interface exists and no other XDP program is attached")]
+    XdpAttach {
+        iface: String,
+        native: String,
+        generic: String,
+    },
+    #[error("cannot attach XDP to {iface} in {mode:?} mode: {source}")]
+    XdpAttachMode {
+        iface: String,
+        mode: XdpMode,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach the TC reply program to {iface}: {source}")]
+    TcAttach {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot create the pin directory {dir:?} (is bpffs mounted at /sys/fs/bpf?)")]
+    PinDir {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mmap of the MAGLEV map failed: {source}")]
+    Mmap {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ring of service slot {service_id} out of range (max_services {max_services})")]
+    RingOutOfRange { service_id: u32, max_services: u32 },
+    #[error("ring length {len} differs from maglev_size {maglev_size}")]
+    RingSize { len: usize, maglev_size: u32 },
+    #[error("maglev_size {maglev_size} x max_services {max_services} overflows the map size")]
+    TooLarge { maglev_size: u32, max_services: u32 },
+}
+
+/// How the XDP program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachMode {
+    Native,
+    /// Generic (skb) XDP: works everywhere, slower; reported as a warning and a metric.
+    Generic,
+}
+
+/// Which XDP mode to ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpModeChoice {
+    /// Native, falling back to generic with a warning.
+    Auto,
+    Native,
+    Generic,
+}
+
+/// The Maglev rings, written through mmap (the map is BPF_F_MMAPABLE).
+struct RingMmap {
+    ptr: NonNull<u32>,
+    len_bytes: usize,
+    entries: usize,
+}
+
+// The mapping is plain shared memory owned by this struct.
+unsafe impl Send for RingMmap {}
+
+impl Drop for RingMmap {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len_bytes) };
+    }
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    opts: DataplaneOptions,
+    rings: RingMmap,
+    /// Times the XDP attach fell back to generic mode (exported as a metric).
+    pub generic_fallbacks: u64,
+}
+
+const PROG_XDP: &str = "lb_ingress";
+/// Every map of lb-ebpf/src/maps.rs.
+pub const MAP_NAMES: &[&str] = &[
+    "CONFIG", "FRONTENDS", "BACKENDS", "MAGLEV", "CONNTRACK", "REVNAT", "AFFINITY", "STATS",
+];
+const PROG_TC: &str = "lb_reply";
+
+impl Dataplane {
+    /// Loads the embedded object with maps sized by `opts`. Nothing is attached yet.
+    pub fn load(opts: DataplaneOptions) -> Result<Self, DataplaneError> {
+        let ring_entries = opts
+            .maglev_size
+            .checked_mul(opts.max_services)
+            .ok_or(DataplaneError::TooLarge {
+                maglev_size: opts.maglev_size,
+                max_services: opts.max_services,
+            })?;
+        let mut loader = EbpfLoader::new();
+        let pin_paths: Vec<(&str, std::path::PathBuf)> = match &opts.pin_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir {
+                    dir: dir.clone(),
+                    source,
+                })?;
+                MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            // Two ring slots per element (see lb-ebpf/src/maps.rs).
+            .map_max_entries("MAGLEV", ring_entries.div_ceil(2))
+            .map_max_entries("BACKENDS", opts.max_backends)
+            .map_max_entries("FRONTENDS", opts.max_frontends)
+            .map_max_entries("CONNTRACK", opts.ct_entries)
+            .map_max_entries("REVNAT", opts.ct_entries)
+            .map_max_entries("AFFINITY", opts.affinity_entries)
+            .load(EBPF_OBJECT)
+            .map_err(|source| DataplaneError::Load { source })?;
+
+        for name in [PROG_XDP] {
+            let prog: &mut Xdp = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, op: "load", source })?;
+        }
+        {
+            let prog: &mut SchedClassifier = program(&mut ebpf, PROG_TC)?;
+            prog.load().map_err(|source| DataplaneError::Program {
+                name: PROG_TC,
+                op: "load",
+                source,
+            })?;
+        }
+
+        let rings = {
+            let map = ebpf
+                .map("MAGLEV")
+                .ok_or(DataplaneError::MissingMap { name: "MAGLEV" })?;
+            let Map::Array(data) = map else {
+                return Err(DataplaneError::MissingMap { name: "MAGLEV" });
+            };
+            mmap_ring(data, ring_entries.div_ceil(2) as usize * 2)?
+        };
+
+        let mut dp = Self {
+            ebpf,
+            opts,
+            rings,
+            generic_fallbacks: 0,
+        };
+        dp.set_config(&Config {
+            maglev_size: dp.opts.maglev_size,
+            ..Default::default()
+        })?;
+        Ok(dp)
+    }
+
+    pub fn options(&self) -> &DataplaneOptions {
+        &self.opts
+    }
+
+    pub fn set_config(&mut self, cfg: &Config) -> Result<(), DataplaneError> {
+        let mut cfg = *cfg;
+        // The ring layout is fixed at load time; the program must agree with it.
+        cfg.maglev_size = self.opts.maglev_size;
+        let mut map: Array<_, Config> = self.typed("CONFIG")?;
+        map.set(0, cfg, 0).map_err(map_err("CONFIG", "set"))
+    }
+
+    pub fn config(&self) -> Result<Config, DataplaneError> {
+        let map: Array<_, Config> = self.typed_ref("CONFIG")?;
+        map.get(&0, 0).map_err(map_err("CONFIG", "get"))
+    }
+
+    pub fn set_frontend(&mut self, key: &FrontendKey, fe: &Frontend) -> Result<(), DataplaneError> {
+        let mut map: HashMap<_, FrontendKey, Frontend> = self.typed("FRONTENDS")?;
+        map.insert(key, fe, 0).map_err(map_err("FRONTENDS", "insert"))
+    }
+
+    pub fn remove_frontend(&mut self, key: &FrontendKey) -> Result<(), DataplaneError> {
+        let mut map: HashMap<_, FrontendKey, Frontend> = self.typed("FRONTENDS")?;
+        match map.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err("FRONTENDS", "remove")(e)),
+        }
+    }
+
+    pub fn frontends(&self) -> Result<Vec<(FrontendKey, Frontend)>, DataplaneError> {
+        let map: HashMap<_, FrontendKey, Frontend> = self.typed_ref("FRONTENDS")?;
+        map.iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err("FRONTENDS", "iterate"))
+    }
+
+    pub fn set_backend(&mut self, id: u32, be: &Backend) -> Result<(), DataplaneError> {
+        let mut map: Array<_, Backend> = self.typed("BACKENDS")?;
+        map.set(id, be, 0).map_err(map_err("BACKENDS", "set"))
+    }
+
+    pub fn clear_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.set_backend(id, &Backend::default())
+    }
+
+    pub fn backend(&self, id: u32) -> Result<Backend, DataplaneError> {
+        let map: Array<_, Backend> = self.typed_ref("BACKENDS")?;
+        map.get(&id, 0).map_err(map_err("BACKENDS", "get"))
+    }
+
+    /// Writes ring positions of one service slot (only the changed ones, Katran style).
+    pub fn write_ring(&mut self, service_id: u32, changes: &[(u32, u32)]) -> Result<(), DataplaneError> {
+        let ring = self.ring_mut(service_id)?;
+        for &(pos, id) in changes {
+            if let Some(slot) = ring.get_mut(pos as usize) {
+                // Aligned 4-byte stores are single-copy atomic: a packet sees old or new id.
+                unsafe { std::ptr::write_volatile(slot, id) };
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a whole ring of one service slot.
+    pub fn write_full_ring(&mut self, service_id: u32, table: &[u32]) -> Result<(), DataplaneError> {
+        if table.len() != self.opts.maglev_size as usize {
+            return Err(DataplaneError::RingSize {
+                len: table.len(),
+                maglev_size: self.opts.maglev_size,
+            });
+        }
+        let ring = self.ring_mut(service_id)?;
+        for (slot, id) in ring.iter_mut().zip(table) {
+            unsafe { std::ptr::write_volatile(slot, *id) };
+        }
+        Ok(())
+    }
+
+    /// The ring of a service slot as the program sees it.
+    pub fn ring(&self, service_id: u32) -> Result<&[u32], DataplaneError> {
+        let (start, len) = self.ring_bounds(service_id)?;
+        Ok(unsafe { std::slice::from_raw_parts(self.rings.ptr.as_ptr().add(start), len) })
+    }
+
+    fn ring_mut(&mut self, service_id: u32) -> Result<&mut [u32], DataplaneError> {
+        let (start, len) = self.ring_bounds(service_id)?;
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.rings.ptr.as_ptr().add(start), len) })
+    }
+
+    fn ring_bounds(&self, service_id: u32) -> Result<(usize, usize), DataplaneError> {
+        let m = self.opts.maglev_size as usize;
+        let start = service_id as usize * m;
+        if service_id >= self.opts.max_services || start + m > self.rings.entries {
+            return Err(DataplaneError::RingOutOfRange {
+                service_id,
+                max_services: self.opts.max_services,
+            });
+        }
+        Ok((start, m))
+    }
+
+    /// Counters summed over CPUs, one per `Reason`.
+    pub fn stats(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
+        let map: PerCpuArray<_, u64> = self.typed_ref("STATS")?;
+        let mut out = Vec::with_capacity(Reason::ALL.len());
+        for &reason in Reason::ALL {
+            let per_cpu = map
+                .get(&(reason as u32), 0)
+                .map_err(map_err("STATS", "get"))?;
+            out.push((reason, per_cpu.iter().sum()));
+        }
+        debug_assert!(out.len() as u32 <= NUM_REASONS);
+        Ok(out)
+    }
+
+    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>, DataplaneError> {
+        let map: HashMap<_, CtKey, CtEntry> = self.typed_ref("CONNTRACK")?;
+        map.iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err("CONNTRACK", "iterate"))
+    }
+
+    pub fn revnat(&self) -> Result<Vec<(CtKey, RevNatEntry)>, DataplaneError> {
+        let map: HashMap<_, CtKey, RevNatEntry> = self.typed_ref("REVNAT")?;
+        map.iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err("REVNAT", "iterate"))
+    }
+
+    pub fn set_revnat(&mut self, key: &CtKey, entry: &RevNatEntry) -> Result<(), DataplaneError> {
+        let mut map: HashMap<_, CtKey, RevNatEntry> = self.typed("REVNAT")?;
+        map.insert(key, entry, 0).map_err(map_err("REVNAT", "insert"))
+    }
+
+    pub fn affinity(&self, key: &AffinityKey) -> Result<Option<AffinityEntry>, DataplaneError> {
+        let map: HashMap<_, AffinityKey, AffinityEntry> = self.typed_ref("AFFINITY")?;
+        match map.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("AFFINITY", "get")(e)),
+        }
+    }
+
+    pub fn set_affinity(&mut self, key: &AffinityKey, entry: &AffinityEntry) -> Result<(), DataplaneError> {
+        let mut map: HashMap<_, AffinityKey, AffinityEntry> = self.typed("AFFINITY")?;
+        map.insert(key, entry, 0).map_err(map_err("AFFINITY", "insert"))
+    }
+
+    /// Attaches the XDP program to `iface` (of the current network namespace).
+    pub fn attach_xdp(&mut self, iface: &str, mode: XdpModeChoice) -> Result<AttachMode, DataplaneError> {
+        let prog: &mut Xdp = program(&mut self.ebpf, PROG_XDP)?;
+        let attach = |prog: &mut Xdp, mode| {
+            prog.attach(iface, mode).map_err(|source| DataplaneError::XdpAttachMode {
+                iface: iface.to_string(),
+                mode,
+                source,
+            })
+        };
+        match mode {
+            XdpModeChoice::Native => attach(prog, XdpMode::Driver).map(|_| AttachMode::Native),
+            XdpModeChoice::Generic => attach(prog, XdpMode::Skb).map(|_| AttachMode::Generic),
+            XdpModeChoice::Auto => match attach(prog, XdpMode::Driver) {
+                Ok(_) => Ok(AttachMode::Native),
+                Err(native) => {
+                    warn!("native XDP not available on {iface} ({native}); falling back to generic (skb) mode, which is slower");
+                    match attach(prog, XdpMode::Skb) {
+                        Ok(_) => {
+                            self.generic_fallbacks += 1;
+                            Ok(AttachMode::Generic)
+                        }
+                        Err(generic) => Err(DataplaneError::XdpAttach {
+                            iface: iface.to_string(),
+                            native: native.to_string(),
+                            generic: generic.to_string(),
+                        }),
+                    }
+                }
+            },
+        }
+    }
+
+    /// Attaches the reply program at TC ingress of a local pod's host-side veth.
+    pub fn attach_tc_reply(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        // Without TCX (kernel < 6.6) aya attaches through a clsact qdisc.
+        if let Err(e) = tc::qdisc_add_clsact(iface) {
+            if e.to_string().contains("exists") {
+                // fine: someone (or we, earlier) added it already
+            } else {
+                log::debug!("clsact on {iface}: {e} (TCX does not need it)");
+            }
+        }
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_TC)?;
+        prog.attach(iface, TcAttachType::Ingress)
+            .map(|_| ())
+            .map_err(|source| DataplaneError::TcAttach {
+                iface: iface.to_string(),
+                source,
+            })
+    }
+
+    /// Runs the XDP program once on `packet` through BPF_PROG_TEST_RUN. Returns the verdict and
+    /// the packet as the program left it.
+    pub fn test_run_xdp(&mut self, packet: &[u8]) -> Result<(u32, Vec<u8>), DataplaneError> {
+        let prog: &mut Xdp = program(&mut self.ebpf, PROG_XDP)?;
+        test_run(prog, PROG_XDP, packet)
+    }
+
+    /// Runs the TC reply program once on `packet`.
+    pub fn test_run_tc(&mut self, packet: &[u8]) -> Result<(u32, Vec<u8>), DataplaneError> {
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_TC)?;
+        test_run(prog, PROG_TC, packet)
+    }
+
+    /// Runs the XDP program `repeat` times in the kernel on one packet; returns the kernel's
+    /// average duration per run (the benchmark's unit).
+    pub fn bench_xdp(&mut self, packet: &[u8], repeat: u32) -> Result<(u32, Duration), DataplaneError> {
+        let prog: &mut Xdp = program(&mut self.ebpf, PROG_XDP)?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        opts.repeat = repeat;
+        let res = prog.test_run(opts).map_err(|source| DataplaneError::Program {
+            name: PROG_XDP,
+            op: "test_run",
+            source,
+        })?;
+        Ok((res.return_value, res.duration))
+    }
+
+    fn typed<'a, T>(&'a mut self, name: &'static str) -> Result<T, DataplaneError>
+    where
+        T: TryFrom<&'a mut Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap { name })?;
+        T::try_from(map).map_err(map_err(name, "open"))
+    }
+
+    fn typed_ref<'a, T>(&'a self, name: &'static str) -> Result<T, DataplaneError>
+    where
+        T: TryFrom<&'a Map, Error = MapError>,
+    {
+        let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap { name })?;
+        T::try_from(map).map_err(map_err(name, "open"))
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataplaneError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::MissingProgram { name })?;
+    prog.try_into()
+        .map_err(|source| DataplaneError::Program { name, op: "open", source })
+}
+
+fn test_run<P>(prog: &mut P, name: &'static str, packet: &[u8]) -> Result<(u32, Vec<u8>), DataplaneError>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+{
+    let mut out = vec![0u8; packet.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.data_out = Some(&mut out);
+    let res = prog
+        .test_run(opts)
+        .map_err(|source| DataplaneError::Program { name, op: "test_run", source })?;
+    out.truncate(res.data_size_out as usize);
+    Ok((res.return_value, out))
+}
+
+fn map_err(name: &'static str, op: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, op, source }
+}
+
+fn mmap_ring(data: &MapData, entries: usize) -> Result<RingMmap, DataplaneError> {
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    let len_bytes = (entries * 4).div_ceil(page) * page;
+    let fd = data.fd().as_fd().as_raw_fd();
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len_bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(DataplaneError::Mmap {
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(RingMmap {
+        ptr: NonNull::new(ptr.cast()).expect("mmap returned NULL without MAP_FAILED"),
+        len_bytes,
+        entries,
+    })
+}

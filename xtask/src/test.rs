@@ -1,0 +1,166 @@
+//! `cargo xtask test`: the project's one test command, run by developers, the README and CI.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    cmd::{self, CmdError},
+    setup::{self, SetupError},
+};
+
+/// The integration-test crate: its tests create network namespaces and attach programs, so
+/// they run one at a time.
+const SERIAL_PACKAGE: &str = "lb-tests";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestError {
+    #[error(
+        "`cargo xtask test` loads BPF programs and creates network namespaces, which needs \
+         root: re-run as root, e.g. `sudo env PATH=\"$PATH\" cargo xtask test`"
+    )]
+    NotRoot,
+    #[error("toolchain setup failed")]
+    Setup {
+        #[source]
+        source: SetupError,
+    },
+    #[error("{} of {total} test steps failed: {}", failed.len(), failed.join(", "))]
+    StepsFailed { failed: Vec<String>, total: usize },
+}
+
+/// One command of the test run.
+struct Step {
+    name: &'static str,
+    command: Command,
+}
+
+/// Runs every step even after a failure (CI then reports all problems at once) and prints a
+/// summary line.
+pub fn run() -> Result<(), TestError> {
+    if !cmd::is_root() {
+        return Err(TestError::NotRoot);
+    }
+    setup::run().map_err(|source| TestError::Setup { source })?;
+    let started = Instant::now();
+    let steps = steps();
+    let total = steps.len();
+    let mut failed = Vec::new();
+    for Step { name, mut command } in steps {
+        eprintln!("xtask test: {name}: {}", cmd::describe(&command));
+        if let Err(err) = cmd::run(&mut command) {
+            eprintln!("xtask test: {name}: FAILED: {}", error_chain(&err));
+            failed.push(name.to_owned());
+        }
+    }
+    let elapsed = format_duration(started.elapsed());
+    if failed.is_empty() {
+        println!("xtask test: all {total} steps passed in {elapsed}");
+        Ok(())
+    } else {
+        println!(
+            "xtask test: FAILED {} of {total} steps ({}) in {elapsed}",
+            failed.len(),
+            failed.join(", ")
+        );
+        Err(TestError::StepsFailed { failed, total })
+    }
+}
+
+/// Release builds so BPF and namespace tests run at realistic speed.
+fn steps() -> Vec<Step> {
+    let mut crates = cmd::cargo();
+    crates.args([
+        "test",
+        "--workspace",
+        "--release",
+        "--exclude",
+        SERIAL_PACKAGE,
+    ]);
+    let mut integration = cmd::cargo();
+    integration.args([
+        "test",
+        "--release",
+        "--package",
+        SERIAL_PACKAGE,
+        "--",
+        "--test-threads=1",
+    ]);
+    let mut fmt = cmd::cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    let root = cmd::workspace_root();
+    for command in [&mut crates, &mut integration, &mut fmt] {
+        command.current_dir(&root);
+    }
+    vec![
+        Step {
+            name: "crate tests",
+            command: crates,
+        },
+        Step {
+            name: "integration tests (serial)",
+            command: integration,
+        },
+        Step {
+            name: "formatting",
+            command: fmt,
+        },
+    ]
+}
+
+fn error_chain(err: &CmdError) -> String {
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(inner) = cause {
+        text.push_str(&format!(": {inner}"));
+        cause = inner.source();
+    }
+    text
+}
+
+fn format_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs >= 60 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integration_tests_run_serially_and_are_not_run_twice() {
+        let steps = steps();
+        let args = |i: usize| -> Vec<String> {
+            steps[i]
+                .command
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let crates = args(0);
+        assert!(crates
+            .windows(2)
+            .any(|w| w == ["--exclude", SERIAL_PACKAGE]));
+        assert!(crates.contains(&"--release".to_owned()));
+        let integration = args(1);
+        assert!(integration
+            .windows(2)
+            .any(|w| w == ["--package", SERIAL_PACKAGE]));
+        assert_eq!(
+            integration.last().map(String::as_str),
+            Some("--test-threads=1")
+        );
+        assert_eq!(args(2), ["fmt", "--all", "--", "--check"]);
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(format_duration(Duration::from_millis(4200)), "4.2s");
+        assert_eq!(format_duration(Duration::from_secs(125)), "2m05s");
+    }
+}
