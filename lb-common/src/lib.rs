@@ -49,6 +49,18 @@ pub const fn port_host(port_be: u16) -> u16 {
     u16::from_be_bytes(port_be.to_ne_bytes())
 }
 
+/// Index into `SERVICE_PORTS` of the word holding `port`'s bit (bit `port % 64`), or None
+/// for protocols without frontends.
+#[inline(always)]
+pub const fn service_port_word(proto: u8, port: u16) -> Option<u32> {
+    let slot = match proto {
+        PROTO_TCP => 0,
+        PROTO_UDP => 1,
+        _ => return None,
+    };
+    Some(slot * 1024 + port as u32 / 64)
+}
+
 /// Key of `FRONTENDS`: a Service frontend. A NodePort frontend uses the all-zero address
 /// (the wildcard) and matches every address in `Config::node_addrs`; LoadBalancer ingress
 /// IPs and externalIPs use their exact address. TCP and UDP are different frontends.

@@ -10,7 +10,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONNTRACK, FRONTENDS, MAGLEV, REVNAT},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, FRONTENDS, MAGLEV, REVNAT, SERVICE_PORTS},
     parse::Parsed,
 };
 
@@ -67,6 +67,11 @@ pub fn snat_reply_lookup(cfg: &Config, p: &Parsed) -> Option<*mut RevNatEntry> {
 /// exact entries (LoadBalancer ingress IPs and externalIPs).
 #[inline(always)]
 pub fn lookup_service(cfg: &Config, p: &Parsed) -> Option<Frontend> {
+    let port = port_host(p.dport) as u32;
+    let word = lb_common::service_port_word(p.proto, port as u16)?;
+    if *SERVICE_PORTS.get(word)? & (1u64 << (port % 64)) == 0 {
+        return None;
+    }
     let mut key = FrontendKey {
         addr: [0; 4],
         port: p.dport,

@@ -126,6 +126,14 @@ fn xmit(ifindex: u32, ingress: u32) -> u32 {
     }
 }
 
+/// XDP_PASS and nothing else. Attached to the pod side of a veth that `lb_ingress`
+/// redirects into: veth accepts redirected frames only when its peer runs XDP (or GRO).
+/// Also the benchmark's measure of what running any XDP program costs.
+#[xdp]
+pub fn lb_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 #[classifier]
 pub fn lb_reply(mut ctx: TcContext) -> i32 {
     let (verdict, reason) = match try_lb_reply(&mut ctx) {

@@ -11,6 +11,10 @@ use lb_common::{
     FrontendKey, RevNatEntry,
 };
 
+/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists, so a new flow's insert takes no global lock
+/// (Katran keeps its connection table per CPU for the same reason).
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
 /// `BPF_F_MMAPABLE`: userspace writes whole Maglev rings through mmap instead of one
 /// syscall per slot (10 000 services x 16381 slots would otherwise take minutes).
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -18,6 +22,13 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Per-node settings (`CONFIG[0]`). Written by userspace before the programs attach.
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Which destination ports any frontend uses: bit `port % 64` of word
+/// `proto_slot * 1024 + port / 64` (proto_slot 0 = TCP, 1 = UDP). A clear bit sends
+/// non-service traffic on its way without a hash lookup. Maintained by userspace with the
+/// frontends (set before a frontend is added, cleared after the last one on a port goes).
+#[map]
+pub static SERVICE_PORTS: Array<u64> = Array::with_max_entries(2048, 0);
 
 /// Service frontends: {addr (0 = NodePort wildcard), port, proto} -> service slot and flags.
 /// Written by userspace (reconcile), read per packet.
@@ -39,18 +50,18 @@ pub static MAGLEV: Array<[u32; 2]> = Array::with_max_entries(64 * 16381 / 2, BPF
 /// Connection tracking, client -> frontend 5-tuple as received -> chosen backend. Written by
 /// the XDP program on a flow's first packet; LRU so it never fills up.
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(262144, 0);
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(262144, BPF_F_NO_COMMON_LRU);
 
 /// Reverse NAT, keyed by the reply's 5-tuple as it reaches this node: what to restore. Written
 /// by the XDP program with the ct entry; read by the TC reply program (local backends) and the
 /// XDP program (replies to SNATed flows).
 #[map]
-pub static REVNAT: LruHashMap<CtKey, RevNatEntry> = LruHashMap::with_max_entries(262144, 0);
+pub static REVNAT: LruHashMap<CtKey, RevNatEntry> = LruHashMap::with_max_entries(262144, BPF_F_NO_COMMON_LRU);
 
 /// sessionAffinity ClientIP: {client, service slot} -> backend and last use.
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
-    LruHashMap::with_max_entries(65536, 0);
+    LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
 
 /// Per-CPU packet counters indexed by `lb_common::Reason`; userspace sums the CPUs.
 #[map]

@@ -19,7 +19,7 @@ use aya::{
 };
 use lb_common::{
     stats::NUM_REASONS, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, Frontend,
-    FrontendKey, Reason, RevNatEntry, DEFAULT_MAGLEV_SIZE,
+    FrontendKey, Reason, RevNatEntry, DEFAULT_MAGLEV_SIZE, port_host, service_port_word,
 };
 use log::warn;
 
@@ -161,13 +161,25 @@ pub struct Dataplane {
     rings: RingMmap,
     /// Times the XDP attach fell back to generic mode (exported as a metric).
     pub generic_fallbacks: u64,
+    /// Frontends in FRONTENDS, per (protocol, port): drives the SERVICE_PORTS bitmap.
+    port_refs: std::collections::HashMap<(u8, u16), u32>,
+    frontend_keys: std::collections::HashSet<FrontendKey>,
 }
 
 const PROG_XDP: &str = "lb_ingress";
 /// Every map of lb-ebpf/src/maps.rs.
 pub const MAP_NAMES: &[&str] = &[
-    "CONFIG", "FRONTENDS", "BACKENDS", "MAGLEV", "CONNTRACK", "REVNAT", "AFFINITY", "STATS",
+    "CONFIG",
+    "SERVICE_PORTS",
+    "FRONTENDS",
+    "BACKENDS",
+    "MAGLEV",
+    "CONNTRACK",
+    "REVNAT",
+    "AFFINITY",
+    "STATS",
 ];
+const PROG_PASS: &str = "lb_pass";
 const PROG_TC: &str = "lb_reply";
 
 impl Dataplane {
@@ -205,7 +217,7 @@ impl Dataplane {
             .load(EBPF_OBJECT)
             .map_err(|source| DataplaneError::Load { source })?;
 
-        for name in [PROG_XDP] {
+        for name in [PROG_XDP, PROG_PASS] {
             let prog: &mut Xdp = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| DataplaneError::Program { name, op: "load", source })?;
@@ -234,7 +246,18 @@ impl Dataplane {
             opts,
             rings,
             generic_fallbacks: 0,
+            port_refs: Default::default(),
+            frontend_keys: Default::default(),
         };
+        // Pinned maps may already hold frontends (agent restart): rebuild the port bitmap.
+        for (key, _) in dp.frontends()? {
+            dp.frontend_keys.insert(key);
+            *dp.port_refs.entry((key.proto, port_host(key.port))).or_default() += 1;
+        }
+        let ports: Vec<_> = dp.port_refs.keys().copied().collect();
+        for (proto, port) in ports {
+            dp.set_port_bit(proto, port, true)?;
+        }
         dp.set_config(&Config {
             maglev_size: dp.opts.maglev_size,
             ..Default::default()
@@ -259,17 +282,51 @@ impl Dataplane {
         map.get(&0, 0).map_err(map_err("CONFIG", "get"))
     }
 
+    /// Adds or updates a frontend. The port's SERVICE_PORTS bit is set first, so the
+    /// program never skips a frontend that exists.
     pub fn set_frontend(&mut self, key: &FrontendKey, fe: &Frontend) -> Result<(), DataplaneError> {
+        let new = !self.frontend_keys.contains(key);
+        let port = (key.proto, port_host(key.port));
+        if new && self.port_refs.get(&port).copied().unwrap_or(0) == 0 {
+            self.set_port_bit(port.0, port.1, true)?;
+        }
         let mut map: HashMap<_, FrontendKey, Frontend> = self.typed("FRONTENDS")?;
-        map.insert(key, fe, 0).map_err(map_err("FRONTENDS", "insert"))
+        map.insert(key, fe, 0).map_err(map_err("FRONTENDS", "insert"))?;
+        if new {
+            self.frontend_keys.insert(*key);
+            *self.port_refs.entry(port).or_default() += 1;
+        }
+        Ok(())
     }
 
+    /// Removes a frontend; the port's bit is cleared after the last frontend on it is gone.
     pub fn remove_frontend(&mut self, key: &FrontendKey) -> Result<(), DataplaneError> {
         let mut map: HashMap<_, FrontendKey, Frontend> = self.typed("FRONTENDS")?;
         match map.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err("FRONTENDS", "remove")(e)),
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err("FRONTENDS", "remove")(e)),
         }
+        if self.frontend_keys.remove(key) {
+            let port = (key.proto, port_host(key.port));
+            let refs = self.port_refs.entry(port).or_default();
+            *refs = refs.saturating_sub(1);
+            if *refs == 0 {
+                self.port_refs.remove(&port);
+                self.set_port_bit(port.0, port.1, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_port_bit(&mut self, proto: u8, port: u16, on: bool) -> Result<(), DataplaneError> {
+        let Some(word) = service_port_word(proto, port) else {
+            return Ok(());
+        };
+        let mut map: Array<_, u64> = self.typed("SERVICE_PORTS")?;
+        let old = map.get(&word, 0).map_err(map_err("SERVICE_PORTS", "get"))?;
+        let bit = 1u64 << (port % 64);
+        let new = if on { old | bit } else { old & !bit };
+        map.set(word, new, 0).map_err(map_err("SERVICE_PORTS", "set"))
     }
 
     pub fn frontends(&self) -> Result<Vec<(FrontendKey, Frontend)>, DataplaneError> {
@@ -362,6 +419,37 @@ impl Dataplane {
         map.iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(map_err("CONNTRACK", "iterate"))
+    }
+
+    /// Writes a conntrack entry (operator repair, benchmarks and tests; the program writes
+    /// its own on a flow's first packet).
+    pub fn set_conntrack(&mut self, key: &CtKey, entry: &CtEntry) -> Result<(), DataplaneError> {
+        let mut map: HashMap<_, CtKey, CtEntry> = self.typed("CONNTRACK")?;
+        map.insert(key, entry, 0).map_err(map_err("CONNTRACK", "insert"))
+    }
+
+    /// Forgets every flow: conntrack, reverse NAT and affinity entries (`conntrack flush`).
+    /// Established connections are then treated as new ones.
+    pub fn flush_flows(&mut self) -> Result<usize, DataplaneError> {
+        let mut n = 0;
+        let ct: Vec<CtKey> = self.conntrack()?.into_iter().map(|(k, _)| k).collect();
+        let mut map: HashMap<_, CtKey, CtEntry> = self.typed("CONNTRACK")?;
+        for k in &ct {
+            if map.remove(k).is_ok() {
+                n += 1;
+            }
+        }
+        let rev: Vec<CtKey> = self.revnat()?.into_iter().map(|(k, _)| k).collect();
+        let mut map: HashMap<_, CtKey, RevNatEntry> = self.typed("REVNAT")?;
+        for k in &rev {
+            let _ = map.remove(k);
+        }
+        let mut map: HashMap<_, AffinityKey, AffinityEntry> = self.typed("AFFINITY")?;
+        let keys: Vec<AffinityKey> = map.keys().filter_map(Result::ok).collect();
+        for k in &keys {
+            let _ = map.remove(k);
+        }
+        Ok(n)
     }
 
     pub fn revnat(&self) -> Result<Vec<(CtKey, RevNatEntry)>, DataplaneError> {
@@ -459,17 +547,14 @@ impl Dataplane {
     /// average duration per run (the benchmark's unit).
     pub fn bench_xdp(&mut self, packet: &[u8], repeat: u32) -> Result<(u32, Duration), DataplaneError> {
         let prog: &mut Xdp = program(&mut self.ebpf, PROG_XDP)?;
-        let mut out = vec![0u8; packet.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(packet);
-        opts.data_out = Some(&mut out);
-        opts.repeat = repeat;
-        let res = prog.test_run(opts).map_err(|source| DataplaneError::Program {
-            name: PROG_XDP,
-            op: "test_run",
-            source,
-        })?;
-        Ok((res.return_value, res.duration))
+        bench(prog, PROG_XDP, packet, repeat)
+    }
+
+    /// Like [`Self::bench_xdp`] for `lb_pass` (XDP_PASS only): the cost of running any XDP
+    /// program through BPF_PROG_TEST_RUN, the benchmark's floor.
+    pub fn bench_pass(&mut self, packet: &[u8], repeat: u32) -> Result<(u32, Duration), DataplaneError> {
+        let prog: &mut Xdp = program(&mut self.ebpf, PROG_PASS)?;
+        bench(prog, PROG_PASS, packet, repeat)
     }
 
     fn typed<'a, T>(&'a mut self, name: &'static str) -> Result<T, DataplaneError>
@@ -516,6 +601,18 @@ where
         .map_err(|source| DataplaneError::Program { name, op: "test_run", source })?;
     out.truncate(res.data_size_out as usize);
     Ok((res.return_value, out))
+}
+
+fn bench(prog: &mut Xdp, name: &'static str, packet: &[u8], repeat: u32) -> Result<(u32, Duration), DataplaneError> {
+    let mut out = vec![0u8; packet.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.data_out = Some(&mut out);
+    opts.repeat = repeat;
+    let res = prog
+        .test_run(opts)
+        .map_err(|source| DataplaneError::Program { name, op: "test_run", source })?;
+    Ok((res.return_value, res.duration))
 }
 
 fn map_err(name: &'static str, op: &'static str) -> impl Fn(MapError) -> DataplaneError {

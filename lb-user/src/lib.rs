@@ -4,3 +4,7 @@ pub mod dataplane;
 pub mod maglev;
 pub mod object;
 pub mod netinfo;
+pub mod model;
+pub mod reconcile;
+pub mod standalone;
+pub mod translate;

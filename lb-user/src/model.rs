@@ -96,9 +96,13 @@ impl ServicePortState {
     /// last pods does not black-hole traffic).
     pub fn ring_backends(&self) -> impl Iterator<Item = &BackendSpec> {
         let any_ready = self.backends.iter().any(|b| b.ready);
-        self.backends
-            .iter()
-            .filter(move |b| if any_ready { b.ready } else { b.serving && b.terminating })
+        self.backends.iter().filter(move |b| {
+            if any_ready {
+                b.ready
+            } else {
+                b.serving && b.terminating
+            }
+        })
     }
 }
 
@@ -131,7 +135,11 @@ mod tests {
     #[test]
     fn model_ring_takes_ready_backends_when_any() {
         let s = ServicePortState {
-            backends: vec![be(1, true, true, false), be(2, false, true, true), be(3, true, true, false)],
+            backends: vec![
+                be(1, true, true, false),
+                be(2, false, true, true),
+                be(3, true, true, false),
+            ],
             ..Default::default()
         };
         assert_eq!(ring_addrs(&s), vec![1, 3]);

@@ -150,10 +150,10 @@ struct Neigh {
     state: Vec<String>,
 }
 
-/// `ip -j [-4] {link|addr} show dev NAME`, with "no such device" mapped to its own error.
+/// `ip -j {link|addr} show dev NAME`, with "no such device" mapped to its own error.
 fn link(name: &str, with_addrs: bool) -> Result<Link, NetinfoError> {
     let args: &[&str] = if with_addrs {
-        &["-j", "-4", "addr", "show", "dev", name]
+        &["-j", "addr", "show", "dev", name]
     } else {
         &["-j", "link", "show", "dev", name]
     };

@@ -2,8 +2,8 @@
 //! `kubectl get svc,endpointslices -o yaml` prints, or hand-written manifests. Lets operators
 //! (and tests) see what lbx would program for a cluster without running in it.
 //!
-//! Accepted: YAML with one or more documents (`---`), or JSON (one object or a stream of
-//! them); any document may be a `kind: List` (or `ServiceList`, ...) with `items`. Objects
+//! Accepted: YAML with one or more documents (`---`), or JSON (one object, a stream of
+//! them, or an array of them); any document may be a `kind: List` (or `ServiceList`, ...) with `items`. Objects
 //! must be Service (v1), EndpointSlice (discovery.k8s.io/v1) or Node (v1, parsed but not used
 //! yet). Errors name the document (1-based), the list item, and the field path.
 
@@ -78,6 +78,16 @@ pub enum StandaloneError {
         kind: String,
         api_version: String,
     },
+    #[error(
+        "{location}: {kind} with apiVersion {api_version:?}: lbx reads {kind} {expected} only, \
+         export the object with `kubectl get -o yaml` from a current cluster"
+    )]
+    ApiVersion {
+        location: Location,
+        kind: String,
+        api_version: String,
+        expected: &'static str,
+    },
     #[error("{location}: {kind} has `items` that are not a list")]
     BadList { location: Location, kind: String },
     #[error("{location}: {kind} {name}: field `{path}`: {source}")]
@@ -118,7 +128,8 @@ pub fn parse_str(text: &str) -> Result<Manifests, StandaloneError> {
         let text = text.trim_start_matches('\u{feff}');
         for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
             let document = i + 1;
-            let value = Value::deserialize(doc).map_err(|source| StandaloneError::Yaml { document, source })?;
+            let value = Value::deserialize(doc)
+                .map_err(|source| StandaloneError::Yaml { document, source })?;
             add_document(&mut out, document, value)?;
         }
     }
@@ -144,7 +155,10 @@ fn add_document(out: &mut Manifests, document: usize, value: Value) -> Result<()
     if value.is_null() {
         return Ok(());
     }
-    let location = Location { document, item: None };
+    let location = Location {
+        document,
+        item: None,
+    };
     if let Value::Array(items) = value {
         // A bare JSON array of objects: a List without the envelope.
         return add_items(out, document, items, None);
@@ -153,7 +167,10 @@ fn add_document(out: &mut Manifests, document: usize, value: Value) -> Result<()
     if kind.ends_with("List") && !is_object_kind(kind) {
         // `kind: List` items carry their own kind; typed lists (ServiceList straight from
         // the API) omit it in items.
-        let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty()).map(str::to_string);
+        let item_kind = kind
+            .strip_suffix("List")
+            .filter(|k| !k.is_empty())
+            .map(str::to_string);
         let kind = kind.to_string();
         let items = match value.get("items") {
             None | Some(Value::Null) => return Ok(()),
@@ -166,7 +183,12 @@ fn add_document(out: &mut Manifests, document: usize, value: Value) -> Result<()
     add_object(out, location, &kind, value)
 }
 
-fn add_items(out: &mut Manifests, document: usize, items: Vec<Value>, item_kind: Option<&str>) -> Result<(), StandaloneError> {
+fn add_items(
+    out: &mut Manifests,
+    document: usize,
+    items: Vec<Value>,
+    item_kind: Option<&str>,
+) -> Result<(), StandaloneError> {
     for (i, item) in items.into_iter().enumerate() {
         let location = Location {
             document,
@@ -186,7 +208,26 @@ fn is_object_kind(kind: &str) -> bool {
     matches!(kind, "Service" | "EndpointSlice" | "Node")
 }
 
-fn add_object(out: &mut Manifests, location: Location, kind: &str, value: Value) -> Result<(), StandaloneError> {
+fn add_object(
+    out: &mut Manifests,
+    location: Location,
+    kind: &str,
+    value: Value,
+) -> Result<(), StandaloneError> {
+    let expected = match kind {
+        "EndpointSlice" => "discovery.k8s.io/v1",
+        _ => "v1",
+    };
+    if let Some(api_version) = str_field(&value, "apiVersion") {
+        if is_object_kind(kind) && api_version != expected {
+            return Err(StandaloneError::ApiVersion {
+                location,
+                kind: kind.to_string(),
+                api_version: api_version.to_string(),
+                expected,
+            });
+        }
+    }
     match kind {
         "Service" => out.services.push(decode(location, kind, value)?),
         "EndpointSlice" => out.endpoint_slices.push(decode(location, kind, value)?),
@@ -202,7 +243,11 @@ fn add_object(out: &mut Manifests, location: Location, kind: &str, value: Value)
     Ok(())
 }
 
-fn decode<T: DeserializeOwned>(location: Location, kind: &str, value: Value) -> Result<T, StandaloneError> {
+fn decode<T: DeserializeOwned>(
+    location: Location,
+    kind: &str,
+    value: Value,
+) -> Result<T, StandaloneError> {
     let meta = value.get("metadata");
     let name = match (
         meta.and_then(|m| str_field(m, "namespace")),
@@ -363,8 +408,15 @@ status:
         assert_eq!(desired.services.len(), 1);
         let s = &desired.services[&ui_nlb_id()];
         // Hostname-only ingress: the NLB targets the NodePort.
-        assert_eq!(s.frontends, vec![(FrontendAddr::Wildcard, 31582, PROTO_TCP)]);
-        let got: Vec<(Ipv4Addr, u16, bool)> = s.backends.iter().map(|b| (b.addr, b.port, b.local)).collect();
+        assert_eq!(
+            s.frontends,
+            vec![(FrontendAddr::Wildcard, 31582, PROTO_TCP)]
+        );
+        let got: Vec<(Ipv4Addr, u16, bool)> = s
+            .backends
+            .iter()
+            .map(|b| (b.addr, b.port, b.local))
+            .collect();
         assert_eq!(
             got,
             vec![
@@ -379,8 +431,16 @@ status:
     #[test]
     fn standalone_aws_ui_nlb_yaml() {
         let m = parse_str(AWS_UI_NLB).unwrap();
-        assert_eq!((m.services.len(), m.endpoint_slices.len(), m.nodes.len()), (1, 1, 1));
-        let (desired, skipped) = translate(&m.services, &m.endpoint_slices, NODE, &TranslateOptions::default());
+        assert_eq!(
+            (m.services.len(), m.endpoint_slices.len(), m.nodes.len()),
+            (1, 1, 1)
+        );
+        let (desired, skipped) = translate(
+            &m.services,
+            &m.endpoint_slices,
+            NODE,
+            &TranslateOptions::default(),
+        );
         check_ui_nlb(&desired, &skipped);
     }
 
@@ -390,7 +450,11 @@ status:
         let m = parse_str(AWS_UI_NLB).unwrap();
         let mut items: Vec<Value> = Vec::new();
         items.extend(m.services.iter().map(|s| serde_json::to_value(s).unwrap()));
-        items.extend(m.endpoint_slices.iter().map(|s| serde_json::to_value(s).unwrap()));
+        items.extend(
+            m.endpoint_slices
+                .iter()
+                .map(|s| serde_json::to_value(s).unwrap()),
+        );
         let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
         let text = serde_json::to_string_pretty(&list).unwrap();
         let from_json = parse_str(&text).unwrap();
@@ -425,7 +489,11 @@ status:
         let text = "---\n# comment only\n---\napiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n";
         let err = parse_str(text).unwrap_err();
         match &err {
-            StandaloneError::UnknownKind { location, kind, api_version } => {
+            StandaloneError::UnknownKind {
+                location,
+                kind,
+                api_version,
+            } => {
                 assert_eq!(location.document, 3);
                 assert_eq!(location.item, None);
                 assert_eq!(kind, "Deployment");
@@ -433,14 +501,25 @@ status:
             }
             other => panic!("unexpected error {other:?}"),
         }
-        assert!(err.to_string().starts_with("document 3: unsupported kind \"Deployment\""), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("document 3: unsupported kind \"Deployment\""),
+            "{err}"
+        );
 
         let in_list = r#"{"kind": "List", "items": [{"kind": "Service", "metadata": {"name": "a"}}, {"kind": "ConfigMap"}]}"#;
         let err = parse_str(in_list).unwrap_err();
-        assert!(err.to_string().starts_with("document 1, items[1]: unsupported kind \"ConfigMap\""), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("document 1, items[1]: unsupported kind \"ConfigMap\""),
+            "{err}"
+        );
 
         let no_kind = "apiVersion: v1\nmetadata: {name: a}\n";
-        assert!(matches!(parse_str(no_kind), Err(StandaloneError::MissingKind { .. })));
+        assert!(matches!(
+            parse_str(no_kind),
+            Err(StandaloneError::MissingKind { .. })
+        ));
     }
 
     #[test]
@@ -448,7 +527,13 @@ status:
         let bad = AWS_UI_NLB.replace("    nodePort: 31582", "    nodePort: \"not-a-number\"");
         let err = parse_str(&bad).unwrap_err();
         match &err {
-            StandaloneError::Decode { location, kind, name, path, .. } => {
+            StandaloneError::Decode {
+                location,
+                kind,
+                name,
+                path,
+                ..
+            } => {
                 assert_eq!(location.document, 1);
                 assert_eq!(kind, "Service");
                 assert_eq!(name, "ui/ui-nlb");
@@ -456,14 +541,29 @@ status:
             }
             other => panic!("unexpected error {other:?}"),
         }
-        assert!(err.to_string().contains("field `spec.ports[0].nodePort`"), "{err}");
+        assert!(
+            err.to_string().contains("field `spec.ports[0].nodePort`"),
+            "{err}"
+        );
 
-        let bad = AWS_UI_NLB.replace("apiVersion: discovery.k8s.io/v1", "apiVersion: discovery.k8s.io/v1beta1");
+        let bad = AWS_UI_NLB.replace(
+            "apiVersion: discovery.k8s.io/v1",
+            "apiVersion: discovery.k8s.io/v1beta1",
+        );
         let err = parse_str(&bad).unwrap_err();
         match &err {
-            StandaloneError::Decode { location, path, .. } => {
+            StandaloneError::ApiVersion {
+                location,
+                kind,
+                api_version,
+                expected,
+            } => {
                 assert_eq!(location.document, 2);
-                assert_eq!(path, "apiVersion");
+                assert_eq!(
+                    (kind.as_str(), api_version.as_str()),
+                    ("EndpointSlice", "discovery.k8s.io/v1beta1")
+                );
+                assert_eq!(*expected, "discovery.k8s.io/v1");
             }
             other => panic!("unexpected error {other:?}"),
         }
@@ -479,9 +579,15 @@ status:
     #[test]
     fn standalone_syntax_errors_name_the_document() {
         let err = parse_str("kind: Service\n---\nkind: [unclosed\n").unwrap_err();
-        assert!(matches!(err, StandaloneError::Yaml { document: 2, .. }), "{err:?}");
+        assert!(
+            matches!(err, StandaloneError::Yaml { document: 2, .. }),
+            "{err:?}"
+        );
         let err = parse_str("{\"kind\": \"Service\"} {\"kind\": ").unwrap_err();
-        assert!(matches!(err, StandaloneError::Json { document: 2, .. }), "{err:?}");
+        assert!(
+            matches!(err, StandaloneError::Json { document: 2, .. }),
+            "{err:?}"
+        );
         let err = load_file(Path::new("/nonexistent/lbx/services.yaml")).unwrap_err();
         assert!(matches!(err, StandaloneError::Read { .. }), "{err:?}");
     }

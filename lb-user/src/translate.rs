@@ -103,7 +103,9 @@ pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
 
     for ((ns, name), svc) in &by_name {
         let no_slices = BTreeMap::new();
-        let svc_slices = slices.get(&(ns.clone(), name.clone())).unwrap_or(&no_slices);
+        let svc_slices = slices
+            .get(&(ns.clone(), name.clone()))
+            .unwrap_or(&no_slices);
         out.service(ns, name, svc, svc_slices, node_name, opts);
     }
     (out.desired, out.skipped)
@@ -158,7 +160,11 @@ impl Translation {
     ) {
         let object = format!("{ns}/{name}");
         let meta = &svc.metadata;
-        if let Some(proxy) = meta.labels.as_ref().and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)) {
+        if let Some(proxy) = meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
+        {
             if opts.proxy_name.as_deref() != Some(proxy.as_str()) {
                 self.skip(
                     "Service",
@@ -171,7 +177,12 @@ impl Translation {
                 return;
             }
         }
-        match meta.annotations.as_ref().and_then(|a| a.get(ACCELERATE_ANNOTATION)).map(String::as_str) {
+        match meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ACCELERATE_ANNOTATION))
+            .map(String::as_str)
+        {
             None | Some("true") => {}
             Some("false") => {
                 self.skip("Service", object, "opted out");
@@ -216,7 +227,9 @@ impl Translation {
                 self.skip(
                     "Service",
                     object,
-                    format!("unknown spec.externalTrafficPolicy {other:?} (expected Cluster or Local)"),
+                    format!(
+                        "unknown spec.externalTrafficPolicy {other:?} (expected Cluster or Local)"
+                    ),
                 );
                 return;
             }
@@ -245,14 +258,21 @@ impl Translation {
                 continue;
             };
             let Some(svc_port) = valid_port(port.port) else {
-                self.skip("Service", object.clone(), format!("{what}: port {} is not in 1..=65535", port.port));
+                self.skip(
+                    "Service",
+                    object.clone(),
+                    format!("{what}: port {} is not in 1..=65535", port.port),
+                );
                 continue;
             };
             if !seen_ports.insert((port_name.clone(), proto)) {
                 self.skip(
                     "Service",
                     object.clone(),
-                    format!("{what}: a second {} port with the same name; only the first is used", proto_name(proto)),
+                    format!(
+                        "{what}: a second {} port with the same name; only the first is used",
+                        proto_name(proto)
+                    ),
                 );
                 continue;
             }
@@ -292,7 +312,9 @@ impl Translation {
                     .and_then(|c| c.timeout_seconds);
                 match configured {
                     None => Some(Some(DEFAULT_AFFINITY_TIMEOUT_S)),
-                    Some(t) if t >= 1 && t as i64 <= MAX_AFFINITY_TIMEOUT_S as i64 => Some(Some(t as u32)),
+                    Some(t) if t >= 1 && t as i64 <= MAX_AFFINITY_TIMEOUT_S as i64 => {
+                        Some(Some(t as u32))
+                    }
                     Some(t) => {
                         self.skip(
                             "Service",
@@ -318,7 +340,13 @@ impl Translation {
     }
 
     /// The exact-match frontend addresses: LoadBalancer ingress IPs and externalIPs.
-    fn frontend_ips(&mut self, object: &str, svc: &Service, spec: &ServiceSpec, load_balancer: bool) -> Vec<Ipv4Addr> {
+    fn frontend_ips(
+        &mut self,
+        object: &str,
+        svc: &Service,
+        spec: &ServiceSpec,
+        load_balancer: bool,
+    ) -> Vec<Ipv4Addr> {
         let mut ips = Vec::new();
         if load_balancer {
             let ingress = svc
@@ -326,7 +354,10 @@ impl Translation {
                 .as_ref()
                 .and_then(|s| s.load_balancer.as_ref())
                 .and_then(|lb| lb.ingress.as_ref());
-            let ranges = spec.load_balancer_source_ranges.as_ref().is_some_and(|r| !r.is_empty());
+            let ranges = spec
+                .load_balancer_source_ranges
+                .as_ref()
+                .is_some_and(|r| !r.is_empty());
             for (i, ing) in ingress.into_iter().flatten().enumerate() {
                 // Hostname-only ingress (e.g. an AWS NLB) has no IP to capture: its traffic
                 // reaches the NodePort frontend.
@@ -347,7 +378,9 @@ impl Translation {
                     );
                     continue;
                 }
-                if let Some(v4) = self.ipv4(object, &format!("status.loadBalancer.ingress[{i}].ip"), ip) {
+                if let Some(v4) =
+                    self.ipv4(object, &format!("status.loadBalancer.ingress[{i}].ip"), ip)
+                {
                     ips.push(v4);
                 }
             }
@@ -366,7 +399,11 @@ impl Translation {
         match text.trim().parse::<IpAddr>() {
             Ok(IpAddr::V4(v4)) if !v4.is_unspecified() => Some(v4),
             Ok(IpAddr::V4(_)) => {
-                self.skip("Service", object.to_string(), format!("{field}: 0.0.0.0 is not a frontend address"));
+                self.skip(
+                    "Service",
+                    object.to_string(),
+                    format!("{field}: 0.0.0.0 is not a frontend address"),
+                );
                 None
             }
             Ok(IpAddr::V6(_)) => {
@@ -378,7 +415,11 @@ impl Translation {
                 None
             }
             Err(_) => {
-                self.skip("Service", object.to_string(), format!("{field}: {text:?} is not an IP address"));
+                self.skip(
+                    "Service",
+                    object.to_string(),
+                    format!("{field}: {text:?} is not an IP address"),
+                );
                 None
             }
         }
@@ -392,12 +433,18 @@ impl Translation {
                 self.skip(
                     "Service",
                     object.to_string(),
-                    format!("{what}: SCTP is not supported by lbx; kube-proxy keeps serving this port"),
+                    format!(
+                        "{what}: SCTP is not supported by lbx; kube-proxy keeps serving this port"
+                    ),
                 );
                 None
             }
             other => {
-                self.skip("Service", object.to_string(), format!("{what}: unknown protocol {other:?}"));
+                self.skip(
+                    "Service",
+                    object.to_string(),
+                    format!("{what}: unknown protocol {other:?}"),
+                );
                 None
             }
         }
@@ -429,13 +476,21 @@ impl Translation {
                 },
             }
         }
-        frontends.extend(ips.iter().map(|ip| (FrontendAddr::Ip(*ip), svc_port, proto)));
+        frontends.extend(
+            ips.iter()
+                .map(|ip| (FrontendAddr::Ip(*ip), svc_port, proto)),
+        );
         frontends
     }
 
     /// Parses one slice of a translated Service; None (reported if unusable) for slices that
     /// cannot contribute.
-    fn parse_slice(&mut self, ns: &str, slice_name: &str, slice: &EndpointSlice) -> Option<ParsedSlice> {
+    fn parse_slice(
+        &mut self,
+        ns: &str,
+        slice_name: &str,
+        slice: &EndpointSlice,
+    ) -> Option<ParsedSlice> {
         let object = format!("{ns}/{slice_name}");
         match slice.address_type.as_str() {
             "IPv4" => {}
@@ -468,7 +523,11 @@ impl Translation {
                 Some(n) => match valid_port(n) {
                     Some(n) => Some(n),
                     None => {
-                        self.skip("EndpointSlice", object.clone(), format!("ports[{i}]: port {n} is not in 1..=65535"));
+                        self.skip(
+                            "EndpointSlice",
+                            object.clone(),
+                            format!("ports[{i}]: port {n} is not in 1..=65535"),
+                        );
                         None
                     }
                 },
@@ -479,7 +538,11 @@ impl Translation {
         for (i, ep) in slice.endpoints.iter().enumerate() {
             // kube-proxy uses the first address only.
             let Some(text) = ep.addresses.first() else {
-                self.skip("EndpointSlice", object.clone(), format!("endpoints[{i}] has no address"));
+                self.skip(
+                    "EndpointSlice",
+                    object.clone(),
+                    format!("endpoints[{i}] has no address"),
+                );
                 continue;
             };
             let addr = match text.parse::<Ipv4Addr>() {
@@ -488,7 +551,9 @@ impl Translation {
                     self.skip(
                         "EndpointSlice",
                         object.clone(),
-                        format!("endpoints[{i}].addresses[0] {text:?} is not a usable IPv4 address"),
+                        format!(
+                            "endpoints[{i}].addresses[0] {text:?} is not a usable IPv4 address"
+                        ),
                     );
                     continue;
                 }
@@ -517,7 +582,13 @@ fn valid_port(p: i32) -> Option<u16> {
 /// The endpoints of one Service port: matched by port name and protocol in each slice, kept
 /// if they may take new flows or must keep established ones (ready or terminating), limited
 /// to this node for externalTrafficPolicy Local, one per (address, port).
-fn backends_for(slices: &[ParsedSlice], port_name: &str, proto: u8, node_name: &str, local_only: bool) -> Vec<BackendSpec> {
+fn backends_for(
+    slices: &[ParsedSlice],
+    port_name: &str,
+    proto: u8,
+    node_name: &str,
+    local_only: bool,
+) -> Vec<BackendSpec> {
     let mut by_addr: BTreeMap<(Ipv4Addr, u16), BackendSpec> = BTreeMap::new();
     for slice in slices {
         let Some(Some(port)) = slice.ports.get(&(port_name.to_string(), proto)) else {
@@ -593,7 +664,13 @@ mod tests {
         svc(v)
     }
 
-    fn ep(ip: &str, node: &str, ready: Option<bool>, serving: Option<bool>, terminating: Option<bool>) -> serde_json::Value {
+    fn ep(
+        ip: &str,
+        node: &str,
+        ready: Option<bool>,
+        serving: Option<bool>,
+        terminating: Option<bool>,
+    ) -> serde_json::Value {
         let mut cond = serde_json::Map::new();
         if let Some(r) = ready {
             cond.insert("ready".into(), json!(r));
@@ -632,7 +709,10 @@ mod tests {
     }
 
     fn addrs(s: &ServicePortState) -> Vec<String> {
-        s.backends.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect()
+        s.backends
+            .iter()
+            .map(|b| format!("{}:{}", b.addr, b.port))
+            .collect()
     }
 
     #[test]
@@ -640,7 +720,10 @@ mod tests {
         let slices = [web_slice(
             "web-abc",
             8080,
-            vec![ep("10.1.0.5", NODE, Some(true), None, None), ep("10.1.1.6", "node-b", None, None, None)],
+            vec![
+                ep("10.1.0.5", NODE, Some(true), None, None),
+                ep("10.1.1.6", "node-b", None, None, None),
+            ],
         )];
         let (desired, skipped) = run(&[web(json!({}))], &slices);
         assert_eq!(skipped, vec![]);
@@ -652,12 +735,19 @@ mod tests {
             vec![
                 (FrontendAddr::Wildcard, 30080, PROTO_TCP),
                 (FrontendAddr::Ip(Ipv4Addr::new(192, 0, 2, 7)), 80, PROTO_TCP),
-                (FrontendAddr::Ip(Ipv4Addr::new(203, 0, 113, 5)), 80, PROTO_TCP),
+                (
+                    FrontendAddr::Ip(Ipv4Addr::new(203, 0, 113, 5)),
+                    80,
+                    PROTO_TCP
+                ),
             ]
         );
         assert_eq!(addrs(http), vec!["10.1.0.5:8080", "10.1.1.6:8080"]);
         assert!(http.backends[0].local && !http.backends[1].local);
-        assert!(http.backends.iter().all(|b| b.ready && b.serving && !b.terminating));
+        assert!(http
+            .backends
+            .iter()
+            .all(|b| b.ready && b.serving && !b.terminating));
         assert_eq!(http.affinity_timeout_s, None);
         assert!(!http.local_only);
 
@@ -674,7 +764,10 @@ mod tests {
             web_slice("web-b", 9090, vec![ep("10.1.0.9", NODE, None, None, None)]),
         ];
         let (desired, _) = run(&[web(json!({}))], &slices);
-        assert_eq!(addrs(&desired.services[&id("http", PROTO_TCP)]), vec!["10.1.0.5:8080", "10.1.0.9:9090"]);
+        assert_eq!(
+            addrs(&desired.services[&id("http", PROTO_TCP)]),
+            vec!["10.1.0.5:8080", "10.1.0.9:9090"]
+        );
     }
 
     #[test]
@@ -682,7 +775,10 @@ mod tests {
         let np = web(json!({"type": "NodePort", "externalIPs": []}));
         let (desired, _) = run(&[np], &[]);
         let http = &desired.services[&id("http", PROTO_TCP)];
-        assert_eq!(http.frontends, vec![(FrontendAddr::Wildcard, 30080, PROTO_TCP)]);
+        assert_eq!(
+            http.frontends,
+            vec![(FrontendAddr::Wildcard, 30080, PROTO_TCP)]
+        );
         assert!(http.backends.is_empty());
 
         let cip = web(json!({"type": "ClusterIP", "externalIPs": null}));
@@ -701,7 +797,8 @@ mod tests {
     #[test]
     fn translate_headless_and_externalname_produce_nothing() {
         let headless = web(json!({"clusterIP": "None", "type": "ClusterIP"}));
-        let ext = web(json!({"type": "ExternalName", "externalName": "example.com"}));
+        let mut ext = web(json!({"type": "ExternalName", "externalName": "example.com"}));
+        ext.metadata.name = Some("ext".into());
         let (desired, skipped) = run(&[headless, ext], &[]);
         assert!(desired.services.is_empty());
         assert!(skipped.is_empty());
@@ -722,12 +819,27 @@ mod tests {
             "endpoints": [{"addresses": ["fd00::5"]}]
         }));
         let (desired, skipped) = run(&[s], &[v6]);
-        let reasons: Vec<String> = skipped.iter().map(|s| format!("{} {}: {}", s.kind, s.object, s.reason)).collect();
+        let reasons: Vec<String> = skipped
+            .iter()
+            .map(|s| format!("{} {}: {}", s.kind, s.object, s.reason))
+            .collect();
         assert_eq!(skipped.len(), 4, "{reasons:#?}");
-        assert!(reasons[0].contains("spec.externalIPs[0]: IPv6"), "{reasons:#?}");
-        assert!(reasons[1].contains("\"not-an-ip\" is not an IP"), "{reasons:#?}");
-        assert!(reasons[2].starts_with("EndpointSlice shop/web-v6: IPv6"), "{reasons:#?}");
-        assert!(reasons[3].contains("spec.ports[0] (sig): SCTP"), "{reasons:#?}");
+        assert!(
+            reasons[0].contains("spec.externalIPs[0]: IPv6"),
+            "{reasons:#?}"
+        );
+        assert!(
+            reasons[1].contains("\"not-an-ip\" is not an IP"),
+            "{reasons:#?}"
+        );
+        assert!(
+            reasons[2].starts_with("EndpointSlice shop/web-v6: IPv6"),
+            "{reasons:#?}"
+        );
+        assert!(
+            reasons[3].contains("spec.ports[0] (sig): SCTP"),
+            "{reasons:#?}"
+        );
         // The TCP port still works, without IPv6 backends.
         let http = &desired.services[&id("http", PROTO_TCP)];
         assert!(http.backends.is_empty());
@@ -740,18 +852,23 @@ mod tests {
             "web-abc",
             8080,
             vec![
-                ep("10.1.0.1", NODE, None, None, None),                       // nil ready -> ready
-                ep("10.1.0.2", NODE, Some(false), Some(true), Some(true)),    // terminating, serving
-                ep("10.1.0.3", NODE, Some(false), Some(false), Some(false)),  // not ready: dropped
-                ep("10.1.0.4", NODE, Some(false), Some(false), Some(true)),   // terminating, not serving
+                ep("10.1.0.1", NODE, None, None, None), // nil ready -> ready
+                ep("10.1.0.2", NODE, Some(false), Some(true), Some(true)), // terminating, serving
+                ep("10.1.0.3", NODE, Some(false), Some(false), Some(false)), // not ready: dropped
+                ep("10.1.0.4", NODE, Some(false), Some(false), Some(true)), // terminating, not serving
             ],
         )];
         let (desired, _) = run(&[web(json!({}))], &slices);
         let http = &desired.services[&id("http", PROTO_TCP)];
-        assert_eq!(addrs(http), vec!["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.4:8080"]);
+        assert_eq!(
+            addrs(http),
+            vec!["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.4:8080"]
+        );
         let ring: Vec<_> = http.ring_backends().map(|b| b.addr.to_string()).collect();
         assert_eq!(ring, vec!["10.1.0.1"]);
-        assert!(http.backends[1].terminating && http.backends[1].serving && !http.backends[1].ready);
+        assert!(
+            http.backends[1].terminating && http.backends[1].serving && !http.backends[1].ready
+        );
 
         // Without ready endpoints the ring falls back to serving+terminating ones.
         let slices = [web_slice(
@@ -778,7 +895,10 @@ mod tests {
         let slices = [web_slice(
             "web-abc",
             8080,
-            vec![ep("10.1.0.5", NODE, None, None, None), ep("10.1.1.6", "node-b", None, None, None)],
+            vec![
+                ep("10.1.0.5", NODE, None, None, None),
+                ep("10.1.1.6", "node-b", None, None, None),
+            ],
         )];
         let (desired, _) = run(&[s], &slices);
         let http = &desired.services[&id("http", PROTO_TCP)];
@@ -788,20 +908,34 @@ mod tests {
 
         let default_timeout = web(json!({"sessionAffinity": "ClientIP"}));
         let (desired, _) = run(&[default_timeout], &[]);
-        assert_eq!(desired.services[&id("http", PROTO_TCP)].affinity_timeout_s, Some(10800));
+        assert_eq!(
+            desired.services[&id("http", PROTO_TCP)].affinity_timeout_s,
+            Some(10800)
+        );
 
         let bad = web(json!({"sessionAffinity": "ClientIP",
                              "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}}));
         let (desired, skipped) = run(&[bad], &[]);
         assert!(desired.services.is_empty());
-        assert!(skipped[0].reason.contains("timeoutSeconds 0"), "{skipped:?}");
+        assert!(
+            skipped[0].reason.contains("timeoutSeconds 0"),
+            "{skipped:?}"
+        );
     }
 
     #[test]
     fn translate_dedups_endpoints_across_slices_preferring_ready() {
         let slices = [
-            web_slice("web-a", 8080, vec![ep("10.1.0.5", NODE, Some(false), Some(false), Some(true))]),
-            web_slice("web-b", 8080, vec![ep("10.1.0.5", NODE, Some(true), None, None)]),
+            web_slice(
+                "web-a",
+                8080,
+                vec![ep("10.1.0.5", NODE, Some(false), Some(false), Some(true))],
+            ),
+            web_slice(
+                "web-b",
+                8080,
+                vec![ep("10.1.0.5", NODE, Some(true), None, None)],
+            ),
         ];
         let (desired, _) = run(&[web(json!({}))], &slices);
         let http = &desired.services[&id("http", PROTO_TCP)];
@@ -812,7 +946,8 @@ mod tests {
     #[test]
     fn translate_proxy_name_and_opt_out() {
         let mut other = web(json!({}));
-        other.metadata.labels = Some([(SERVICE_PROXY_NAME_LABEL.to_string(), "lbx".to_string())].into());
+        other.metadata.labels =
+            Some([(SERVICE_PROXY_NAME_LABEL.to_string(), "lbx".to_string())].into());
         let (desired, skipped) = run(std::slice::from_ref(&other), &[]);
         assert!(desired.services.is_empty());
         assert!(skipped[0].reason.contains("belongs to that proxy"));
@@ -825,7 +960,8 @@ mod tests {
         assert!(skipped.is_empty());
 
         let mut out = web(json!({}));
-        out.metadata.annotations = Some([(ACCELERATE_ANNOTATION.to_string(), "false".to_string())].into());
+        out.metadata.annotations =
+            Some([(ACCELERATE_ANNOTATION.to_string(), "false".to_string())].into());
         let (desired, skipped) = run(&[out], &[]);
         assert!(desired.services.is_empty());
         assert_eq!(skipped[0].reason, "opted out");
@@ -834,15 +970,28 @@ mod tests {
 
     #[test]
     fn translate_lb_source_ranges_and_proxy_ip_mode_leave_lb_ip_alone() {
-        let ranges = web(json!({"externalIPs": null, "loadBalancerSourceRanges": ["198.51.100.0/24"]}));
+        let ranges =
+            web(json!({"externalIPs": null, "loadBalancerSourceRanges": ["198.51.100.0/24"]}));
         let (desired, skipped) = run(&[ranges], &[]);
         let http = &desired.services[&id("http", PROTO_TCP)];
-        assert_eq!(http.frontends, vec![(FrontendAddr::Wildcard, 30080, PROTO_TCP)]);
+        assert_eq!(
+            http.frontends,
+            vec![(FrontendAddr::Wildcard, 30080, PROTO_TCP)]
+        );
         assert!(skipped[0].reason.contains("loadBalancerSourceRanges"));
 
         let mut proxy = web(json!({"externalIPs": null}));
-        proxy.status.as_mut().unwrap().load_balancer.as_mut().unwrap().ingress.as_mut().unwrap()[0].ip_mode =
-            Some("Proxy".into());
+        proxy
+            .status
+            .as_mut()
+            .unwrap()
+            .load_balancer
+            .as_mut()
+            .unwrap()
+            .ingress
+            .as_mut()
+            .unwrap()[0]
+            .ip_mode = Some("Proxy".into());
         let (desired, skipped) = run(&[proxy], &[]);
         assert!(skipped.is_empty());
         assert_eq!(
@@ -860,28 +1009,56 @@ mod tests {
         other_ns.metadata.namespace = Some("elsewhere".into());
         let s1 = web_slice("web-a", 8080, vec![ep("10.1.0.5", NODE, None, None, None)]);
         let s2 = web_slice("web-b", 8080, vec![ep("10.1.0.6", NODE, None, None, None)]);
-        let one = run(&[a.clone(), b.clone()], &[s1.clone(), other_ns.clone(), s2.clone()]);
+        let one = run(
+            &[a.clone(), b.clone()],
+            &[s1.clone(), other_ns.clone(), s2.clone()],
+        );
         let two = run(&[b, a], &[s2, s1, other_ns]);
         assert_eq!(one, two);
-        assert_eq!(addrs(&one.0.services[&id("http", PROTO_TCP)]), vec!["10.1.0.5:8080", "10.1.0.6:8080"]);
+        assert_eq!(
+            addrs(&one.0.services[&id("http", PROTO_TCP)]),
+            vec!["10.1.0.5:8080", "10.1.0.6:8080"]
+        );
     }
 
     #[test]
     fn translate_invalid_specs_are_skipped_not_panics() {
-        let nameless = svc(json!({"apiVersion": "v1", "kind": "Service", "spec": {"type": "NodePort"}}));
+        let nameless =
+            svc(json!({"apiVersion": "v1", "kind": "Service", "spec": {"type": "NodePort"}}));
         let weird_type = web(json!({"type": "Weird"}));
-        let mut bad_port = web(json!({"ports": [{"name": "x", "port": 70000, "nodePort": 30001},
-                                               {"name": "y", "port": 81, "nodePort": -3}]}));
+        let mut bad_port = web(
+            json!({"ports": [{"name": "x", "port": 70000, "nodePort": 30001},
+                                               {"name": "y", "port": 81, "nodePort": -3}]}),
+        );
         bad_port.metadata.name = Some("bad".into());
         let mut no_spec = Service::default();
         no_spec.metadata.name = Some("nospec".into());
         let (desired, skipped) = run(&[nameless, weird_type, bad_port, no_spec], &[]);
         let reasons: Vec<&str> = skipped.iter().map(|s| s.reason.as_str()).collect();
-        assert!(reasons.iter().any(|r| r.contains("metadata.name is missing")), "{reasons:#?}");
-        assert!(reasons.iter().any(|r| r.contains("unknown spec.type \"Weird\"")), "{reasons:#?}");
-        assert!(reasons.iter().any(|r| r.contains("port 70000 is not in")), "{reasons:#?}");
-        assert!(reasons.iter().any(|r| r.contains("nodePort -3 is not in")), "{reasons:#?}");
-        assert!(reasons.iter().any(|r| r.contains("spec is missing")), "{reasons:#?}");
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("metadata.name is missing")),
+            "{reasons:#?}"
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("unknown spec.type \"Weird\"")),
+            "{reasons:#?}"
+        );
+        assert!(
+            reasons.iter().any(|r| r.contains("port 70000 is not in")),
+            "{reasons:#?}"
+        );
+        assert!(
+            reasons.iter().any(|r| r.contains("nodePort -3 is not in")),
+            "{reasons:#?}"
+        );
+        assert!(
+            reasons.iter().any(|r| r.contains("spec is missing")),
+            "{reasons:#?}"
+        );
         // Port y keeps its externalIP and LB IP frontends despite the bad nodePort.
         let y = ServicePortId {
             namespace: "shop".into(),

@@ -183,7 +183,14 @@ pub fn cleanup_stale() -> Result<Vec<String>, NetnsError> {
         if pid == std::process::id() || pid_alive(pid) {
             continue;
         }
-        let pids = ip(&["netns", "pids", &name])?;
+        let path = entry.path();
+        // Another process may be cleaning up at the same time: a namespace that vanished
+        // under us is simply gone, not an error.
+        let pids = match ip(&["netns", "pids", &name]) {
+            Ok(pids) => pids,
+            Err(_) if !path.exists() => continue,
+            Err(e) => return Err(e),
+        };
         if !pids.trim().is_empty() {
             eprintln!(
                 "lbx: stale namespace {name} still holds processes {}; leaving it",
@@ -191,8 +198,11 @@ pub fn cleanup_stale() -> Result<Vec<String>, NetnsError> {
             );
             continue;
         }
-        ip(&["netns", "del", &name])?;
-        deleted.push(name);
+        match ip(&["netns", "del", &name]) {
+            Ok(_) => deleted.push(name),
+            Err(_) if !path.exists() => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(deleted)
 }

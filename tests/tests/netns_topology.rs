@@ -144,8 +144,28 @@ fn processes_mentioning(needle: &str) -> Vec<u32> {
 
 #[test]
 fn client_and_nodes_reach_every_pod_and_teardown_is_complete() {
+    let root_sysctl = |key: &str| std::fs::read_to_string(format!("/proc/sys/{key}")).unwrap();
+    let root_before = root_sysctl("net/ipv6/conf/default/disable_ipv6");
     let topo = Topology::build(TopologySpec::default()).expect("build 2x2 topology");
     let prefix = topo.prefix().to_string();
+    // Settings land in the lab namespaces, never in the root namespace.
+    let ns_sysctl = |ns: &str, key: &str| netns::run(ns, &["sysctl", "-n", key]).unwrap();
+    assert_eq!(
+        ns_sysctl(topo.node_ns(1), "net.ipv4.ip_forward").trim(),
+        "1"
+    );
+    assert_eq!(
+        ns_sysctl(topo.node_ns(1), "net.ipv4.conf.p1.rp_filter").trim(),
+        "0"
+    );
+    assert_eq!(
+        ns_sysctl(topo.pod_ns(1, 1), "net.ipv6.conf.default.disable_ipv6").trim(),
+        "1"
+    );
+    assert_eq!(
+        root_sysctl("net/ipv6/conf/default/disable_ipv6"),
+        root_before
+    );
     assert_eq!(
         netns::list_with_prefix(&format!("{prefix}-"))
             .unwrap()
@@ -372,5 +392,28 @@ fn child_guard_escalates_to_sigkill() {
     );
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGKILL));
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+}
+
+#[test]
+fn a_panicking_test_still_tears_everything_down() {
+    let mut prefix = String::new();
+    let mut pid = 0;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let topo = Topology::build(TopologySpec::uniform(1, 1)).expect("build 1x1 topology");
+        prefix = topo.prefix().to_string();
+        let servers = start_podservers(&topo);
+        pid = servers[0].pid();
+        in_netns(topo.client_ns(), || panic!("simulated assertion failure")).unwrap();
+    }));
+    assert!(result.is_err(), "the closure was meant to panic");
+    assert!(
+        !prefix.is_empty() && pid != 0,
+        "topology was not built before the panic"
+    );
+    assert_eq!(
+        netns::list_with_prefix(&format!("{prefix}-")).unwrap(),
+        Vec::<String>::new()
+    );
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
 }
