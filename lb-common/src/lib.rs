@@ -155,7 +155,9 @@ pub struct CtKey {
     /// Network byte order.
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Integers, not a [u8; 3]: zeroing a byte array compiles to a memset call in BPF.
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 
@@ -200,7 +202,8 @@ pub struct RevNatEntry {
     /// The request's destination MAC (ours): the reply's source MAC.
     pub node_mac: [u8; 6],
     pub flags: u8,
-    pub _pad: [u8; 3],
+    pub _pad0: u8,
+    pub _pad1: u16,
     /// Seconds (bpf_ktime_get_ns() / 1e9) when a reply last used a SNAT entry; a SNAT port
     /// idle for longer than `Config::snat_idle_s` may be taken by a new flow.
     pub stamp_s: u32,

@@ -41,7 +41,8 @@ fn ct_key(p: &Parsed) -> CtKey {
         sport: p.sport,
         dport: p.dport,
         proto: p.proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 
@@ -191,7 +192,8 @@ pub fn ct_create(
         client_mac,
         node_mac,
         flags: 0,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
         stamp_s: 0,
     };
     let mut ct = CtEntry {
@@ -210,7 +212,8 @@ pub fn ct_create(
             sport: be.port,
             dport: p.sport,
             proto: p.proto,
-            _pad: [0; 3],
+            _pad0: 0,
+        _pad1: 0,
         };
         REVNAT.insert(&rkey, &rev, 0).map_err(|_| Reason::PassCtFull)?;
     } else {
@@ -247,7 +250,8 @@ fn snat_alloc(cfg: &Config, p: &Parsed, be: &Backend, rev: &mut RevNatEntry) -> 
             sport: be.port,
             dport: port_be(port),
             proto: p.proto,
-            _pad: [0; 3],
+            _pad0: 0,
+        _pad1: 0,
         };
         if REVNAT.insert(&rkey, &*rev, BPF_NOEXIST as u64).is_ok() {
             return Ok(port_be(port));

@@ -73,7 +73,12 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         None => {
             let (id, be) = lb::select_backend(cfg, &p, &fe)?;
             let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassInternal)?;
-            let (client_mac, node_mac) = unsafe { ((*eth).src, (*eth).dst) };
+            let (client_mac, node_mac) = unsafe {
+                (
+                    parse::read_mac(core::ptr::addr_of!((*eth).src)),
+                    parse::read_mac(core::ptr::addr_of!((*eth).dst)),
+                )
+            };
             lb::ct_create(cfg, &p, &fe, id, be, client_mac, node_mac, ingress)?
         }
     };
@@ -160,7 +165,8 @@ fn try_lb_reply(ctx: &mut TcContext) -> Result<(i32, Reason), Reason> {
         sport: p.sport,
         dport: p.dport,
         proto: p.proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     let rev = match unsafe { REVNAT.get(&key) } {
         Some(rev) if rev.flags & REV_SNAT == 0 => *rev,

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{csum, Reason, CFG_DEC_TTL, PROTO_UDP};
 
-use crate::parse::{ptr_at, EthHdr, Ipv4Hdr, Parsed, Ports};
+use crate::parse::{ptr_at, write_mac, EthHdr, Ipv4Hdr, Parsed, Ports};
 
 /// What the packet's headers become.
 pub struct Rewrite {
@@ -40,8 +40,8 @@ pub fn rewrite_xdp(ctx: &XdpContext, p: &Parsed, r: &Rewrite, cfg_flags: u32) ->
     let l4_csum: *mut u16 = ptr_at(ctx, p.l4_csum_off()).ok_or(Reason::PassInternal)?;
     let udp = p.proto == PROTO_UDP;
     unsafe {
-        (*eth).dst = r.dmac;
-        (*eth).src = r.smac;
+        write_mac(core::ptr::addr_of_mut!((*eth).dst), &r.dmac);
+        write_mac(core::ptr::addr_of_mut!((*eth).src), &r.smac);
 
         let ip = &mut *ip;
         let mut check = ip.check;

@@ -33,6 +33,34 @@ impl PacketBuf for TcContext {
     }
 }
 
+/// Reads a MAC address byte by byte. A plain `[u8; 6]` copy from the packet compiles to a
+/// call into a memmove subprogram (unaligned source), which costs more than the copy.
+#[inline(always)]
+pub fn read_mac(src: *const [u8; 6]) -> [u8; 6] {
+    let s = src as *const u8;
+    unsafe {
+        [
+            core::ptr::read_volatile(s),
+            core::ptr::read_volatile(s.add(1)),
+            core::ptr::read_volatile(s.add(2)),
+            core::ptr::read_volatile(s.add(3)),
+            core::ptr::read_volatile(s.add(4)),
+            core::ptr::read_volatile(s.add(5)),
+        ]
+    }
+}
+
+/// Writes a MAC address into the packet byte by byte (see [`read_mac`]).
+#[inline(always)]
+pub fn write_mac(dst: *mut [u8; 6], mac: &[u8; 6]) {
+    let d = dst as *mut u8;
+    let mut i = 0;
+    while i < 6 {
+        unsafe { core::ptr::write_volatile(d.add(i), mac[i]) };
+        i += 1;
+    }
+}
+
 /// The one checked accessor: every header access goes through it.
 #[inline(always)]
 pub fn ptr_at<T, C: PacketBuf>(ctx: &C, off: usize) -> Option<*mut T> {

@@ -303,7 +303,8 @@ impl Dataplane {
     pub fn remove_frontend(&mut self, key: &FrontendKey) -> Result<(), DataplaneError> {
         let mut map: HashMap<_, FrontendKey, Frontend> = self.typed("FRONTENDS")?;
         match map.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(map_err("FRONTENDS", "remove")(e)),
         }
         if self.frontend_keys.remove(key) {
@@ -468,7 +469,7 @@ impl Dataplane {
         let map: HashMap<_, AffinityKey, AffinityEntry> = self.typed_ref("AFFINITY")?;
         match map.get(key, 0) {
             Ok(v) => Ok(Some(v)),
-            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(map_err("AFFINITY", "get")(e)),
         }
     }
@@ -613,6 +614,15 @@ fn bench(prog: &mut Xdp, name: &'static str, packet: &[u8], repeat: u32) -> Resu
         .test_run(opts)
         .map_err(|source| DataplaneError::Program { name, op: "test_run", source })?;
     Ok((res.return_value, res.duration))
+}
+
+/// aya reports a missing key as KeyNotFound on lookups and as ENOENT on deletes.
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
 }
 
 fn map_err(name: &'static str, op: &'static str) -> impl Fn(MapError) -> DataplaneError {

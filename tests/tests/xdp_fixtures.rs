@@ -573,3 +573,31 @@ fn mutated_packets_never_abort() {
     assert_eq!(total(&dp), runs);
     let _ = (XDP_ABORTED, XDP_DROP, PROTO_UDP);
 }
+
+/// The SERVICE_PORTS fast path follows the frontends: a port stays open while any frontend
+/// uses it and closes with the last one.
+#[test]
+fn service_port_bitmap_follows_frontends() {
+    require_root();
+    let mut dp = world();
+    let syn = |dst, port| tcp_syn(dst, port).build();
+    // Port 30080/TCP has one frontend (NodePort); add an exact one on the LB IP as well.
+    let lb_30080 = frontend_key(Some(LB_IP), 30080, PROTO_TCP);
+    let fe = lb_user_frontend(&dp, frontend_key(None, 30080, PROTO_TCP));
+    dp.set_frontend(&lb_30080, &fe).unwrap();
+    dp.remove_frontend(&frontend_key(None, 30080, PROTO_TCP)).unwrap();
+    // The NodePort is gone, the LB frontend on the same port still works.
+    assert_eq!(dp.test_run_xdp(&syn(NODE, 30080)).unwrap().0, XDP_PASS);
+    assert_eq!(dp.test_run_xdp(&syn(LB_IP, 30080)).unwrap().0, XDP_REDIRECT);
+    dp.remove_frontend(&lb_30080).unwrap();
+    let before = stat(&dp, Reason::PassNonService);
+    assert_eq!(dp.test_run_xdp(&syn(LB_IP, 30080)).unwrap().0, XDP_PASS);
+    assert_eq!(stat(&dp, Reason::PassNonService), before + 1);
+    // Removing twice is harmless and does not close a port another frontend still uses.
+    dp.remove_frontend(&lb_30080).unwrap();
+    assert_eq!(dp.test_run_xdp(&syn(LB_IP, 80)).unwrap().0, XDP_REDIRECT);
+}
+
+fn lb_user_frontend(dp: &Dataplane, key: lb_common::FrontendKey) -> lb_common::Frontend {
+    dp.frontends().unwrap().into_iter().find(|(k, _)| *k == key).map(|(_, v)| v).expect("frontend")
+}

@@ -182,7 +182,8 @@ fn main() -> Result<()> {
             sport: port_be(40000),
             dport: port_be(8080),
             proto: PROTO_TCP,
-            _pad: [0; 3],
+            _pad0: 0,
+        _pad1: 0,
         };
         let be_id = 1 + target * args.backends;
         dp.set_conntrack(&key, &CtEntry { backend_id: be_id, service_id: target, ..Default::default() })?;
