@@ -8,7 +8,11 @@ use lb_common::{Reason, PROTO_TCP, PROTO_UDP};
 /// Raw packet bounds of either program type.
 pub trait PacketBuf {
     fn data(&self) -> usize;
+    /// End of the directly accessible (linear) bytes.
     fn data_end(&self) -> usize;
+    /// Length of the whole frame. For an skb this includes paged data beyond `data_end`:
+    /// a large segment from a local pod is usually not linear past its headers.
+    fn frame_len(&self) -> usize;
 }
 
 impl PacketBuf for XdpContext {
@@ -20,6 +24,10 @@ impl PacketBuf for XdpContext {
     fn data_end(&self) -> usize {
         XdpContext::data_end(self)
     }
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        XdpContext::data_end(self) - XdpContext::data(self)
+    }
 }
 
 impl PacketBuf for TcContext {
@@ -30,6 +38,10 @@ impl PacketBuf for TcContext {
     #[inline(always)]
     fn data_end(&self) -> usize {
         TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        TcContext::len(self) as usize
     }
 }
 
@@ -190,7 +202,7 @@ pub fn parse<C: PacketBuf>(ctx: &C) -> Result<Parsed, Reason> {
 
     let tot_len = u16::from_be(ip.tot_len) as usize;
     // Shorter frames than the IP length are cut; longer ones are Ethernet padding.
-    if tot_len < IPV4_HLEN || ctx.data() + l3_off + tot_len > ctx.data_end() {
+    if tot_len < IPV4_HLEN || l3_off + tot_len > ctx.frame_len() {
         return Err(Reason::PassBadLen);
     }
     if tot_len - IPV4_HLEN < l4_min {

@@ -1,10 +1,12 @@
 //! lb-user: loads the data plane, translates Kubernetes objects into its maps, and
 //! answers operator questions about it.
 pub mod dataplane;
+pub mod inspect;
 pub mod maglev;
 pub mod object;
 pub mod netinfo;
 pub mod model;
 pub mod reconcile;
 pub mod standalone;
+pub mod standalone_run;
 pub mod translate;

@@ -5,3 +5,4 @@ pub mod packet;
 pub mod fixture;
 pub mod netns;
 pub mod topology;
+pub mod scenario;

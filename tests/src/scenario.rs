@@ -1,0 +1,1691 @@
+//! The end-to-end lab scenario shared by the data-plane namespace tests and `lbx-demo`: a
+//! [`Topology`] (2 nodes x 2 pods by default), a pod server in every pod, one real
+//! `lb-user standalone` agent per node namespace fed a Kubernetes manifest file, and helpers
+//! to send traffic from the client, read the agents' counters and watch netfilter.
+//!
+//! The Service (`demo/echo`, type LoadBalancer, externalTrafficPolicy Cluster):
+//! - port `http` TCP 80 -> targetPort 8080, nodePort 30080;
+//! - port `dns`  UDP 53 -> targetPort 5353, nodePort 30053;
+//! - LoadBalancer ingress IP 10.77.100.1, which the client routes to node 0 (the "NLB").
+//!
+//! Processes are started by PID and stopped by PID; everything the scenario creates
+//! (namespaces, processes, pin directories, config files) is removed on drop, also while a
+//! failed assertion unwinds. [`Lab::keep`] instead leaves it running for a human to explore.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use crate::netns::{self, in_netns, ChildGuard, NetnsError};
+use crate::topology::{Topology, TopologyError, TopologySpec, NIC};
+
+/// Kubernetes namespace and name of the lab's Service.
+pub const SERVICE_NAMESPACE: &str = "demo";
+pub const SERVICE_NAME: &str = "echo";
+/// Service port, nodePort and targetPort of the TCP (HTTP) port.
+pub const TCP_SERVICE_PORT: u16 = 80;
+pub const TCP_NODE_PORT: u16 = 30080;
+pub const TCP_TARGET_PORT: u16 = 8080;
+/// Service port, nodePort and targetPort of the UDP port.
+pub const UDP_SERVICE_PORT: u16 = 53;
+pub const UDP_NODE_PORT: u16 = 30053;
+pub const UDP_TARGET_PORT: u16 = 5353;
+/// The Service's LoadBalancer ingress IP; the client routes it to node 0.
+pub const LB_INGRESS_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 1);
+/// The node whose address the client uses for the LoadBalancer IP.
+pub const LB_NODE: usize = 0;
+
+/// How long one request may take before it counts as lost.
+const IO_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a pod server or an agent may take to print its ready line.
+const PODSERVER_READY: Duration = Duration::from_secs(10);
+const AGENT_READY: Duration = Duration::from_secs(60);
+/// SIGTERM -> SIGKILL grace for detached ([`Lab::keep`]-able) processes.
+const TERM_GRACE: Duration = Duration::from_secs(3);
+/// Where `ip netns add` keeps named namespaces (setns opens these).
+const NETNS_DIR: &str = "/run/netns";
+/// bpffs mount point; the agents pin under `PIN_ROOT`.
+const BPFFS: &str = "/sys/fs/bpf";
+const PIN_ROOT: &str = "/sys/fs/bpf/lbx";
+/// Environment: a prebuilt agent binary to use instead of building `lb-user`.
+pub const AGENT_BIN_ENV: &str = "LBX_AGENT_BIN";
+/// Environment: `1` skips the `cargo build` of the binaries (use what is in target/).
+pub const SKIP_BUILD_ENV: &str = "LBX_SKIP_BUILD";
+/// The agent's ready line starts with this.
+const AGENT_READY_PREFIX: &str = "lbx: ready ";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error(transparent)]
+    Topology {
+        #[from]
+        source: TopologyError,
+    },
+    #[error("{step}: {source}")]
+    Netns {
+        step: String,
+        #[source]
+        source: NetnsError,
+    },
+    #[error(
+        "building {what} failed (`{command}`): {stderr}\nfix the build, or build it yourself with \
+         `cargo build -p lb-user --release` and rerun with {SKIP_BUILD_ENV}=1"
+    )]
+    Build {
+        what: String,
+        command: String,
+        stderr: String,
+    },
+    #[error("{what} not found at {path:?}: {hint}")]
+    MissingBinary {
+        what: &'static str,
+        path: PathBuf,
+        hint: String,
+    },
+    #[error("{what} ({path:?}): {source}")]
+    Io {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("agent of node {node} did not become ready: {detail}")]
+    AgentNotReady { node: usize, detail: String },
+    #[error("agent of node {node} printed an unexpected ready line {line:?}: {detail}")]
+    BadReadyLine {
+        node: usize,
+        line: String,
+        detail: String,
+    },
+    #[error("{what} {target}: {source}")]
+    Request {
+        what: &'static str,
+        target: SocketAddrV4,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what} {target}: unexpected answer {answer:?}: {detail}")]
+    BadAnswer {
+        what: &'static str,
+        target: SocketAddrV4,
+        answer: String,
+        detail: String,
+    },
+    #[error("`{command}` printed output we cannot read ({detail}): {output}")]
+    BadOutput {
+        command: String,
+        detail: String,
+        output: String,
+    },
+    #[error("no pod {pod} in this lab (it has {nodes} nodes with {pods:?} pods)")]
+    NoSuchPod {
+        pod: PodId,
+        nodes: usize,
+        pods: Vec<usize>,
+    },
+    #[error("{what} timed out after {waited:?}: {detail}")]
+    Timeout {
+        what: String,
+        waited: Duration,
+        detail: String,
+    },
+    #[error("teardown left problems: {}", problems.join("; "))]
+    Teardown { problems: Vec<String> },
+}
+
+fn io_err(
+    what: impl Into<String>,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(io::Error) -> ScenarioError {
+    let (what, path) = (what.into(), path.into());
+    move |source| ScenarioError::Io { what, path, source }
+}
+
+fn netns_err(step: impl Into<String>) -> impl FnOnce(NetnsError) -> ScenarioError {
+    let step = step.into();
+    move |source| ScenarioError::Netns { step, source }
+}
+
+/// A pod of the lab: pod `pod` behind node `node`. Its pod server calls itself `n<node>-p<pod>`,
+/// which is how answers name the backend that served them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodId {
+    pub node: usize,
+    pub pod: usize,
+}
+
+impl PodId {
+    pub const fn new(node: usize, pod: usize) -> Self {
+        PodId { node, pod }
+    }
+    /// The Kubernetes node name of its node (`n<i>`), as in the manifests and `--node-name`.
+    pub fn node_name(&self) -> String {
+        node_name(self.node)
+    }
+}
+
+impl fmt::Display for PodId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "n{}-p{}", self.node, self.pod)
+    }
+}
+
+impl FromStr for PodId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a pod name of the form n<node>-p<pod>");
+        let (n, p) = s.split_once('-').ok_or_else(bad)?;
+        let node = n
+            .strip_prefix('n')
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(bad)?;
+        let pod = p
+            .strip_prefix('p')
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(bad)?;
+        Ok(PodId { node, pod })
+    }
+}
+
+/// Kubernetes node name of node `i`.
+pub fn node_name(i: usize) -> String {
+    format!("n{i}")
+}
+
+/// One endpoint of the Service's EndpointSlice, with its conditions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub pod: PodId,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl EndpointSpec {
+    /// A running pod: ready, serving, not terminating.
+    pub fn ready(pod: PodId) -> Self {
+        EndpointSpec {
+            pod,
+            ready: true,
+            serving: true,
+            terminating: false,
+        }
+    }
+    /// A pod being deleted that still serves (what the EndpointSlice controller writes
+    /// during graceful termination): keeps its connections, gets no new ones.
+    pub fn terminating(pod: PodId) -> Self {
+        EndpointSpec {
+            pod,
+            ready: false,
+            serving: true,
+            terminating: true,
+        }
+    }
+}
+
+/// The manifest every agent reads: the Service and one EndpointSlice holding `endpoints`.
+/// Both nodes get the same file (only `--node-name` differs), as from one API server.
+pub fn manifest(endpoints: &[EndpointSpec], pod_addr: impl Fn(PodId) -> Ipv4Addr) -> String {
+    let mut y = format!(
+        "# Written by lb-tests' scenario: what `kubectl get svc,endpointslices -o yaml` shows.
+apiVersion: v1
+kind: Service
+metadata:
+  name: {SERVICE_NAME}
+  namespace: {SERVICE_NAMESPACE}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.77
+  clusterIPs: [10.96.0.77]
+  externalTrafficPolicy: Cluster
+  sessionAffinity: None
+  selector:
+    app: {SERVICE_NAME}
+  ports:
+  - name: http
+    protocol: TCP
+    port: {TCP_SERVICE_PORT}
+    targetPort: {TCP_TARGET_PORT}
+    nodePort: {TCP_NODE_PORT}
+  - name: dns
+    protocol: UDP
+    port: {UDP_SERVICE_PORT}
+    targetPort: {UDP_TARGET_PORT}
+    nodePort: {UDP_NODE_PORT}
+status:
+  loadBalancer:
+    ingress:
+    - ip: {LB_INGRESS_IP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {SERVICE_NAME}-lab01
+  namespace: {SERVICE_NAMESPACE}
+  labels:
+    kubernetes.io/service-name: {SERVICE_NAME}
+    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+addressType: IPv4
+ports:
+- name: http
+  protocol: TCP
+  port: {TCP_TARGET_PORT}
+- name: dns
+  protocol: UDP
+  port: {UDP_TARGET_PORT}
+"
+    );
+    if endpoints.is_empty() {
+        y.push_str("endpoints: []\n");
+    } else {
+        y.push_str("endpoints:\n");
+    }
+    for e in endpoints {
+        y.push_str(&format!(
+            "- addresses: [\"{addr}\"]
+  conditions:
+    ready: {ready}
+    serving: {serving}
+    terminating: {terminating}
+  nodeName: {node}
+  targetRef:
+    kind: Pod
+    namespace: {SERVICE_NAMESPACE}
+    name: {pod}
+",
+            addr = pod_addr(e.pod),
+            ready = e.ready,
+            serving = e.serving,
+            terminating = e.terminating,
+            node = e.pod.node_name(),
+            pod = e.pod,
+        ));
+    }
+    y
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    pub topology: TopologySpec,
+    /// `--xdp-mode` of the agents: auto, native or generic.
+    pub xdp_mode: String,
+    /// `--resync-ms` of the agents: how soon a rewritten config file is applied.
+    pub resync_ms: u64,
+    /// Children's stderr goes to log files in the work directory instead of ours.
+    pub quiet: bool,
+    /// Start processes so that they can outlive this one ([`Lab::keep`]): no parent-death
+    /// signal, own session, output in log files.
+    pub detachable: bool,
+}
+
+impl Default for LabSpec {
+    fn default() -> Self {
+        LabSpec {
+            topology: TopologySpec::default(),
+            xdp_mode: "auto".into(),
+            resync_ms: 500,
+            quiet: false,
+            detachable: false,
+        }
+    }
+}
+
+/// The binaries the lab runs.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    /// `lb-user` (the agent and its CLI).
+    pub agent: PathBuf,
+    /// `lbx-podserver`.
+    pub podserver: PathBuf,
+}
+
+impl Binaries {
+    /// The binaries of the running executable's build profile (`target/<profile>/`), rebuilt
+    /// first with `cargo build` so a test never runs a stale agent: `cargo test -p lb-tests`
+    /// builds lb-user's library but not its binary. `LBX_AGENT_BIN=PATH` uses that agent
+    /// instead; `LBX_SKIP_BUILD=1` uses whatever is in target/ without building.
+    pub fn locate() -> Result<Self, ScenarioError> {
+        let exe = std::env::current_exe()
+            .map_err(io_err("finding the running executable", "/proc/self/exe"))?;
+        let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            dir.pop();
+        }
+        let profile_dir = dir;
+        let agent_override = std::env::var_os(AGENT_BIN_ENV).map(PathBuf::from);
+        let skip_build = std::env::var(SKIP_BUILD_ENV).is_ok_and(|v| v == "1");
+        if !skip_build {
+            build(&profile_dir, agent_override.is_none())?;
+        }
+        let bins = Binaries {
+            agent: agent_override.unwrap_or_else(|| profile_dir.join("lb-user")),
+            podserver: profile_dir.join("lbx-podserver"),
+        };
+        let profile = profile_name(&profile_dir);
+        if !bins.agent.is_file() {
+            return Err(ScenarioError::MissingBinary {
+                what: "the agent (lb-user)",
+                path: bins.agent,
+                hint: format!("build it with `cargo build -p lb-user --profile {profile}`"),
+            });
+        }
+        if !bins.podserver.is_file() {
+            return Err(ScenarioError::MissingBinary {
+                what: "the pod server (lbx-podserver)",
+                path: bins.podserver,
+                hint: format!(
+                    "build it with `cargo build -p lb-tests --bin lbx-podserver --profile {profile}`"
+                ),
+            });
+        }
+        Ok(bins)
+    }
+}
+
+/// Cargo's profile name for a `target/<dir>` directory.
+fn profile_name(profile_dir: &Path) -> String {
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev".into(),
+        Some(other) => other.into(),
+    }
+}
+
+/// `cargo build` of the lab's binaries into the profile directory we run from.
+fn build(profile_dir: &Path, agent: bool) -> Result<(), ScenarioError> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."));
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(workspace)
+        .args(["build", "--profile", &profile_name(profile_dir)]);
+    if let Some(target_dir) = profile_dir.parent() {
+        cmd.arg("--target-dir").arg(target_dir);
+    }
+    if agent {
+        cmd.args(["-p", "lb-user", "--bin", "lb-user"]);
+    }
+    cmd.args(["-p", "lb-tests", "--bin", "lbx-podserver"]);
+    let command = describe(&cmd);
+    let what = if agent {
+        "lb-user and lbx-podserver"
+    } else {
+        "lbx-podserver"
+    };
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io_err(format!("running `{command}`"), &cargo))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
+        return Err(ScenarioError::Build {
+            what: what.into(),
+            command,
+            stderr: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        });
+    }
+    Ok(())
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A process of the lab: under a [`ChildGuard`] (killed with us), or detachable for
+/// [`Lab::keep`].
+#[derive(Debug)]
+enum Proc {
+    Guarded(ChildGuard),
+    Detached(Detached),
+}
+
+/// A process in its own session with its output in log files and no parent-death signal,
+/// so it can outlive us; still terminated on drop unless released.
+#[derive(Debug)]
+struct Detached {
+    child: Child,
+    label: String,
+    stdout_log: PathBuf,
+    armed: bool,
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if self.armed {
+            terminate(&mut self.child, &self.label);
+        }
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        match self {
+            Proc::Guarded(g) => g.pid(),
+            Proc::Detached(d) => d.child.id(),
+        }
+    }
+
+    fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<String, String> {
+        let d = match self {
+            Proc::Guarded(g) => return g.wait_for_line(needle, timeout).map_err(|e| e.to_string()),
+            Proc::Detached(d) => d,
+        };
+        let start = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&d.stdout_log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return Ok(line.to_string());
+            }
+            if let Ok(Some(status)) = d.child.try_wait() {
+                return Err(format!("{} exited ({status}); stdout: {text:?}", d.label));
+            }
+            if start.elapsed() > timeout {
+                return Err(format!(
+                    "{} printed no {needle:?} in {timeout:?}; stdout: {text:?}",
+                    d.label
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn is_running(&mut self) -> bool {
+        match self {
+            Proc::Guarded(g) => g.is_running(),
+            Proc::Detached(d) => matches!(d.child.try_wait(), Ok(None)),
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after a grace period; how it ended.
+    fn stop(self) -> Option<ExitStatus> {
+        match self {
+            Proc::Guarded(g) => g.stop(),
+            Proc::Detached(mut d) => {
+                d.armed = false;
+                terminate(&mut d.child, &d.label)
+            }
+        }
+    }
+
+    /// Lets a detached process outlive this one. (A guarded child cannot be released: the
+    /// kernel kills it with us. [`Lab::keep`] only holds detached ones.)
+    fn release(self) {
+        if let Proc::Detached(mut d) = self {
+            d.armed = false;
+        }
+    }
+}
+
+fn terminate(child: &mut Child, label: &str) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) on our own, not yet reaped child: the pid cannot have been reused.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let start = Instant::now();
+    while start.elapsed() < TERM_GRACE {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("lbx: {label} (pid {pid}) ignored SIGTERM for {TERM_GRACE:?}; sending SIGKILL");
+    // SAFETY: as above, still unreaped.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    child.wait().ok()
+}
+
+/// Where a lab process writes its output.
+struct Logs {
+    stderr: Option<PathBuf>,
+    stdout: Option<PathBuf>,
+}
+
+/// Starts `program args` in network namespace `ns` only (setns(2) between fork and exec).
+/// Unlike `ip netns exec`, the mount namespace stays ours: `ip netns exec` remounts /sys,
+/// which hides /sys/fs/bpf, so pins would land in a private bpffs that nobody else sees.
+fn spawn_in_ns(
+    ns: &str,
+    program: &Path,
+    args: &[String],
+    logs: Logs,
+    detached: bool,
+) -> Result<Proc, ScenarioError> {
+    let ns_path = Path::new(NETNS_DIR).join(ns);
+    let ns_file = File::open(&ns_path).map_err(io_err("opening the namespace", &ns_path))?;
+    let open_log = |p: &Path| {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(io_err("opening a log file", p))
+    };
+    let stderr_log = logs.stderr.as_deref().map(open_log).transpose()?;
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    let label = format!("{} in {ns}", describe(&cmd));
+    // SAFETY: setns/dup2/setsid are async-signal-safe; the closure only touches fds it owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(log) = &stderr_log {
+                if libc::dup2(log.as_raw_fd(), 2) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if detached && libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    if !detached {
+        let guard = ChildGuard::spawn(&mut cmd).map_err(netns_err(format!("starting {label}")))?;
+        return Ok(Proc::Guarded(guard));
+    }
+    let stdout_log = logs
+        .stdout
+        .expect("detached processes always get a stdout log");
+    let out = open_log(&stdout_log)?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .spawn()
+        .map_err(io_err(format!("starting {label}"), program))?;
+    Ok(Proc::Detached(Detached {
+        child,
+        label,
+        stdout_log,
+        armed: true,
+    }))
+}
+
+/// One node's agent.
+#[derive(Debug)]
+struct Agent {
+    proc: Proc,
+    pin_dir: PathBuf,
+    config: PathBuf,
+    ready: ReadyLine,
+}
+
+/// What an agent's ready line says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadyLine {
+    pub node: String,
+    pub iface: String,
+    /// `native` or `generic`.
+    pub mode: String,
+    pub frontends: u64,
+    pub backends: u64,
+}
+
+impl ReadyLine {
+    /// Parses `lbx: ready node=<name> iface=<if> mode=<m> frontends=<n> backends=<n>`.
+    pub fn parse(line: &str) -> Result<Self, String> {
+        let rest = line
+            .trim()
+            .strip_prefix(AGENT_READY_PREFIX)
+            .ok_or_else(|| format!("does not start with {AGENT_READY_PREFIX:?}"))?;
+        let fields: BTreeMap<&str, &str> = rest
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        let get = |k: &str| {
+            fields
+                .get(k)
+                .map(|v| v.to_string())
+                .ok_or_else(|| format!("no {k}= field"))
+        };
+        let num = |k: &str| {
+            get(k)?
+                .parse::<u64>()
+                .map_err(|e| format!("{k}= is not a number: {e}"))
+        };
+        Ok(ReadyLine {
+            node: get("node")?,
+            iface: get("iface")?,
+            mode: get("mode")?,
+            frontends: num("frontends")?,
+            backends: num("backends")?,
+        })
+    }
+}
+
+/// One pod's server.
+#[derive(Debug)]
+struct PodServer {
+    pod: PodId,
+    proc: Proc,
+}
+
+/// Everything a lab creates outside its own memory, to check that teardown removed it.
+#[derive(Clone, Debug)]
+pub struct Footprint {
+    pub prefix: String,
+    /// (pid, binary file name) of every process started.
+    pub processes: Vec<(u32, String)>,
+    pub pin_dirs: Vec<PathBuf>,
+    pub workdir: PathBuf,
+}
+
+impl Footprint {
+    /// What still exists, one line per leftover; empty when teardown was complete.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        match netns::list_with_prefix(&self.prefix) {
+            Ok(names) => left.extend(names.into_iter().map(|n| format!("namespace {n}"))),
+            Err(e) => left.push(format!("cannot list namespaces: {e}")),
+        }
+        for (pid, name) in &self.processes {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if comm.contains(name.as_str()) {
+                left.push(format!("process {pid} ({name})"));
+            }
+        }
+        for dir in &self.pin_dirs {
+            if dir.exists() {
+                left.push(format!("pin directory {}", dir.display()));
+            }
+        }
+        if self.workdir.exists() {
+            left.push(format!("work directory {}", self.workdir.display()));
+        }
+        left
+    }
+}
+
+/// What the client learnt from one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// The pod that served it.
+    pub pod: PodId,
+    /// The client address the pod saw (the client itself, or a SNAT address).
+    pub client_seen: SocketAddrV4,
+    /// The client socket's own address.
+    pub local: SocketAddrV4,
+    /// Who answered, from the client's side (a connected socket accepts nothing else).
+    pub peer: SocketAddrV4,
+    /// UDP only: the TTL the datagram reached the pod with.
+    pub ttl: Option<u8>,
+}
+
+/// Parses a pod server body: `pod=NAME client=ADDR[ ttl=N]`.
+fn parse_body(body: &str) -> Result<(PodId, SocketAddrV4, Option<u8>), String> {
+    let mut pod = None;
+    let mut client = None;
+    let mut ttl = None;
+    for field in body.split_whitespace() {
+        match field.split_once('=') {
+            Some(("pod", v)) => pod = Some(v.parse::<PodId>()?),
+            Some(("client", v)) => {
+                client = Some(
+                    v.parse::<SocketAddrV4>()
+                        .map_err(|e| format!("client={v}: {e}"))?,
+                )
+            }
+            Some(("ttl", v)) => ttl = Some(v.parse::<u8>().map_err(|e| format!("ttl={v}: {e}"))?),
+            _ => return Err(format!("unknown field {field:?}")),
+        }
+    }
+    Ok((
+        pod.ok_or("no pod= field")?,
+        client.ok_or("no client= field")?,
+        ttl,
+    ))
+}
+
+fn v4(addr: SocketAddr) -> SocketAddrV4 {
+    match addr {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => panic!("the lab is IPv4 only, got {a}"),
+    }
+}
+
+/// A keep-alive HTTP connection from the client.
+#[derive(Debug)]
+pub struct HttpConn {
+    reader: BufReader<TcpStream>,
+    target: SocketAddrV4,
+    local: SocketAddrV4,
+    peer: SocketAddrV4,
+}
+
+impl HttpConn {
+    /// The client side's address.
+    pub fn local(&self) -> SocketAddrV4 {
+        self.local
+    }
+    pub fn peer(&self) -> SocketAddrV4 {
+        self.peer
+    }
+
+    /// One `GET /` on this connection, keeping it open.
+    pub fn get(&mut self) -> Result<Answer, ScenarioError> {
+        self.request(false)
+    }
+
+    fn request(&mut self, close: bool) -> Result<Answer, ScenarioError> {
+        let target = self.target;
+        let req_err = |source| ScenarioError::Request {
+            what: "HTTP request to",
+            target,
+            source,
+        };
+        let conn = if close { "close" } else { "keep-alive" };
+        let req = format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: {conn}\r\n\r\n");
+        self.reader
+            .get_mut()
+            .write_all(req.as_bytes())
+            .map_err(req_err)?;
+        let bad = |answer: String, detail: String| ScenarioError::BadAnswer {
+            what: "HTTP request to",
+            target,
+            answer,
+            detail,
+        };
+        let mut headers = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).map_err(req_err)?;
+            if n == 0 {
+                return Err(bad(headers, "connection closed mid-response".into()));
+            }
+            headers.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        if !headers.starts_with("HTTP/1.1 200 ") {
+            return Err(bad(headers, "not a 200 response".into()));
+        }
+        let Some(len) = headers.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())
+                .flatten()
+        }) else {
+            return Err(bad(headers, "no Content-Length".into()));
+        };
+        let mut body = vec![0u8; len];
+        self.reader.read_exact(&mut body).map_err(req_err)?;
+        let body = String::from_utf8_lossy(&body).into_owned();
+        let (pod, client_seen, ttl) = parse_body(&body).map_err(|e| bad(body.clone(), e))?;
+        Ok(Answer {
+            pod,
+            client_seen,
+            local: self.local,
+            peer: self.peer,
+            ttl,
+        })
+    }
+}
+
+/// An nftables table in one namespace with a counter on every hook (priority -300, the
+/// earliest) for the client's traffic to and from `ports`: a packet of such a flow that
+/// touches the namespace's IP stack counts. Accelerated flows must leave it at zero.
+#[derive(Debug)]
+pub struct NftProbe {
+    ns: String,
+}
+
+/// The netfilter hooks the probe counts on, in packet-path order.
+pub const NFT_HOOKS: [&str; 5] = ["prerouting", "input", "forward", "output", "postrouting"];
+const NFT_TABLE: &str = "lbx_bypass_probe";
+
+impl NftProbe {
+    /// Installs the table in `ns`, counting packets from `client` to any of `ports` and from
+    /// those ports back to `client` (TCP and UDP).
+    pub fn install(ns: &str, client: Ipv4Addr, ports: &[u16]) -> Result<Self, ScenarioError> {
+        let ports = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut script = format!("table ip {NFT_TABLE} {{\n");
+        for hook in NFT_HOOKS {
+            script.push_str(&format!(
+                "  chain {hook} {{
+    type filter hook {hook} priority -300; policy accept;
+    ip saddr {client} meta l4proto {{ tcp, udp }} th dport {{ {ports} }} counter
+    ip daddr {client} meta l4proto {{ tcp, udp }} th sport {{ {ports} }} counter
+  }}
+"
+            ));
+        }
+        script.push_str("}\n");
+        nft(ns, &["-f", "-"], Some(&script))?;
+        Ok(NftProbe { ns: ns.into() })
+    }
+
+    /// Packets counted per hook (both rules of its chain together).
+    pub fn read(&self) -> Result<BTreeMap<String, u64>, ScenarioError> {
+        let args = ["-j", "list", "table", "ip", NFT_TABLE];
+        let out = nft(&self.ns, &args, None)?;
+        let bad = |detail: String| ScenarioError::BadOutput {
+            command: format!("nft {}", args.join(" ")),
+            detail,
+            output: out.clone(),
+        };
+        let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| bad(e.to_string()))?;
+        let items = v["nftables"]
+            .as_array()
+            .ok_or_else(|| bad("no nftables array".into()))?;
+        let mut counts: BTreeMap<String, u64> =
+            NFT_HOOKS.iter().map(|h| (h.to_string(), 0)).collect();
+        let mut rules = 0;
+        for item in items {
+            let Some(rule) = item.get("rule") else {
+                continue;
+            };
+            let chain = rule["chain"]
+                .as_str()
+                .ok_or_else(|| bad("rule without chain".into()))?;
+            let packets = rule["expr"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find_map(|e| e.get("counter")?.get("packets")?.as_u64())
+                .ok_or_else(|| bad(format!("rule in {chain} has no counter")))?;
+            *counts.entry(chain.to_string()).or_default() += packets;
+            rules += 1;
+        }
+        if rules != 2 * NFT_HOOKS.len() {
+            return Err(bad(format!(
+                "expected {} counter rules, found {rules}",
+                2 * NFT_HOOKS.len()
+            )));
+        }
+        Ok(counts)
+    }
+}
+
+/// `nft ARGS` inside `ns`, optionally with a script on stdin.
+fn nft(ns: &str, args: &[&str], stdin: Option<&str>) -> Result<String, ScenarioError> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "nft"]).args(args);
+    let command = describe(&cmd);
+    let mut child = cmd
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io_err(
+            format!("running `{command}` (is nftables installed? apt-get install -y nftables)"),
+            "nft",
+        ))?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())
+            .map_err(io_err(format!("writing the script to `{command}`"), "nft"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(io_err(format!("waiting for `{command}`"), "nft"))?;
+    if !out.status.success() {
+        return Err(ScenarioError::Netns {
+            step: format!("running nft in {ns}"),
+            source: NetnsError::Command {
+                command,
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            },
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Mounts bpffs at /sys/fs/bpf if nothing is mounted there: the agents pin their maps there
+/// and the operator CLI reads them (the same mount a DaemonSet gets as a hostPath).
+fn ensure_bpffs() -> Result<(), ScenarioError> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(io_err("reading the mount table", "/proc/self/mounts"))?;
+    let mounted = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, target, fstype) = (f.next(), f.next(), f.next());
+        target == Some(BPFFS) && fstype == Some("bpf")
+    });
+    if mounted {
+        return Ok(());
+    }
+    netns::output(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS])).map_err(netns_err(
+        format!("mounting bpffs at {BPFFS} (the agents pin maps there)"),
+    ))?;
+    eprintln!("lbx: mounted bpffs at {BPFFS}");
+    Ok(())
+}
+
+/// Removes pin directories `/sys/fs/bpf/lbx/lbx-<pid>-<seq>-*` of runs whose process is gone
+/// (a test killed by a timeout never runs its destructors).
+fn cleanup_stale_pins() {
+    let Ok(entries) = std::fs::read_dir(PIN_ROOT) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(netns::PREFIX)
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        if std::fs::remove_dir_all(entry.path()).is_ok() {
+            eprintln!(
+                "lbx: removed stale pin directory {}",
+                entry.path().display()
+            );
+        }
+    }
+}
+
+/// The last lines of a log file (a quiet child's stderr) for an error message; empty when
+/// the child wrote to our stderr.
+fn log_tail(path: Option<&Path>) -> String {
+    let Some(path) = path else {
+        return String::new();
+    };
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(15)..];
+    format!(
+        "; its stderr ({}) ends with:\n{}",
+        path.display(),
+        tail.join("\n")
+    )
+}
+
+/// `lb-user counters --output json`: `{"counters": [{"reason": NAME, "count": N}, ...],
+/// "total": N}`, or a plain `{NAME: N, ...}` object.
+fn parse_counters(v: &serde_json::Value) -> Result<BTreeMap<String, u64>, String> {
+    let mut out = BTreeMap::new();
+    if let Some(rows) = v.get("counters").and_then(|c| c.as_array()) {
+        for row in rows {
+            let reason = row["reason"]
+                .as_str()
+                .ok_or_else(|| format!("row without a reason name: {row}"))?;
+            let count = row["count"]
+                .as_u64()
+                .ok_or_else(|| format!("row without a count: {row}"))?;
+            out.insert(reason.to_string(), count);
+        }
+        return Ok(out);
+    }
+    let obj = v
+        .as_object()
+        .ok_or("expected {\"counters\": [...]} or an object of reason -> count")?;
+    for (k, n) in obj {
+        let n = n
+            .as_u64()
+            .ok_or_else(|| format!("count of {k} is not a number"))?;
+        out.insert(k.clone(), n);
+    }
+    Ok(out)
+}
+
+/// A running lab: topology, pod servers, one agent per node.
+#[derive(Debug)]
+pub struct Lab {
+    // Drop order (after Drop::drop stopped the agents): pod servers, then namespaces.
+    agents: Vec<Agent>,
+    pods: Vec<PodServer>,
+    topo: Option<Topology>,
+    bins: Binaries,
+    workdir: PathBuf,
+    spec: LabSpec,
+    /// Set by `keep`: leave everything in place.
+    kept: bool,
+}
+
+impl Lab {
+    /// Builds the topology, starts the pod servers and the agents, and waits until every
+    /// agent is ready. On error everything started so far is torn down again.
+    pub fn start(spec: LabSpec) -> Result<Lab, ScenarioError> {
+        let bins = Binaries::locate()?;
+        Self::start_with(spec, bins)
+    }
+
+    /// [`Lab::start`] with given binaries.
+    pub fn start_with(spec: LabSpec, bins: Binaries) -> Result<Lab, ScenarioError> {
+        netns::preflight().map_err(netns_err("checking prerequisites"))?;
+        ensure_bpffs()?;
+        cleanup_stale_pins();
+        let topo = Topology::build(spec.topology.clone())?;
+        let workdir = std::env::temp_dir().join(topo.prefix());
+        std::fs::create_dir_all(&workdir)
+            .map_err(io_err("creating the work directory", &workdir))?;
+        let mut lab = Lab {
+            agents: Vec::new(),
+            pods: Vec::new(),
+            topo: Some(topo),
+            bins,
+            workdir,
+            spec,
+            kept: false,
+        };
+        lab.route_lb_ip()?;
+        lab.start_podservers()?;
+        lab.start_agents()?;
+        Ok(lab)
+    }
+
+    pub fn topology(&self) -> &Topology {
+        self.topo
+            .as_ref()
+            .expect("the topology lives as long as the lab")
+    }
+    pub fn prefix(&self) -> &str {
+        self.topology().prefix()
+    }
+    pub fn binaries(&self) -> &Binaries {
+        &self.bins
+    }
+    /// Where config files (and logs of a quiet or detachable lab) live.
+    pub fn workdir(&self) -> &Path {
+        &self.workdir
+    }
+    pub fn node_count(&self) -> usize {
+        self.topology().node_count()
+    }
+    pub fn node_addr(&self, node: usize) -> Ipv4Addr {
+        self.topology().node_addr(node)
+    }
+    pub fn client_addr(&self) -> Ipv4Addr {
+        self.topology().client_addr()
+    }
+    /// Every pod, node by node.
+    pub fn pods(&self) -> Vec<PodId> {
+        let t = self.topology();
+        (0..t.node_count())
+            .flat_map(|i| (0..t.pod_count(i)).map(move |k| PodId::new(i, k)))
+            .collect()
+    }
+    pub fn pod_addr(&self, pod: PodId) -> Result<Ipv4Addr, ScenarioError> {
+        self.check_pod(pod)?;
+        Ok(self.topology().pod_addr(pod.node, pod.pod))
+    }
+    /// Node `node`'s config file (the manifest its agent watches).
+    pub fn config_path(&self, node: usize) -> &Path {
+        &self.agents[node].config
+    }
+    pub fn pin_dir(&self, node: usize) -> &Path {
+        &self.agents[node].pin_dir
+    }
+    pub fn agent_pid(&self, node: usize) -> u32 {
+        self.agents[node].proc.pid()
+    }
+    /// The pod servers' pids.
+    pub fn podserver_pids(&self) -> Vec<(PodId, u32)> {
+        self.pods.iter().map(|p| (p.pod, p.proc.pid())).collect()
+    }
+    /// What node `node`'s agent said when it became ready.
+    pub fn agent_ready(&self, node: usize) -> &ReadyLine {
+        &self.agents[node].ready
+    }
+    /// The agents' `--resync-ms`.
+    pub fn resync(&self) -> Duration {
+        Duration::from_millis(self.spec.resync_ms)
+    }
+
+    fn check_pod(&self, pod: PodId) -> Result<(), ScenarioError> {
+        let t = self.topology();
+        if pod.node < t.node_count() && pod.pod < t.pod_count(pod.node) {
+            return Ok(());
+        }
+        Err(ScenarioError::NoSuchPod {
+            pod,
+            nodes: t.node_count(),
+            pods: (0..t.node_count()).map(|i| t.pod_count(i)).collect(),
+        })
+    }
+
+    /// The client sends the LoadBalancer ingress IP to node 0, as a cloud load balancer
+    /// in IP-forwarding mode would.
+    fn route_lb_ip(&self) -> Result<(), ScenarioError> {
+        let t = self.topology();
+        let via = t.node_addr(LB_NODE).to_string();
+        let dst = format!("{LB_INGRESS_IP}/32");
+        let args = [
+            "-n",
+            t.client_ns(),
+            "route",
+            "add",
+            &dst,
+            "via",
+            &via,
+            "dev",
+            NIC,
+        ];
+        netns::ip(&args)
+            .map(drop)
+            .map_err(netns_err("routing the LoadBalancer IP to node 0"))
+    }
+
+    fn logs(&self, name: &str) -> Logs {
+        let path = |ext: &str| self.workdir.join(format!("{name}.{ext}"));
+        Logs {
+            stderr: (self.spec.quiet || self.spec.detachable).then(|| path("log")),
+            stdout: self.spec.detachable.then(|| path("out")),
+        }
+    }
+
+    fn start_podservers(&mut self) -> Result<(), ScenarioError> {
+        for pod in self.pods() {
+            let ns = self.topology().pod_ns(pod.node, pod.pod).to_string();
+            let name = pod.to_string();
+            let args: Vec<String> = [
+                "--name",
+                &name,
+                "--tcp",
+                &TCP_TARGET_PORT.to_string(),
+                "--udp",
+                &UDP_TARGET_PORT.to_string(),
+            ]
+            .map(String::from)
+            .to_vec();
+            let logs = self.logs(&format!("podserver-{name}"));
+            let mut proc =
+                spawn_in_ns(&ns, &self.bins.podserver, &args, logs, self.spec.detachable)?;
+            let line = proc
+                .wait_for_line("ready", PODSERVER_READY)
+                .map_err(|detail| ScenarioError::Timeout {
+                    what: format!("pod server {name} in {ns}"),
+                    waited: PODSERVER_READY,
+                    detail,
+                })?;
+            let expected = format!(
+                "lbx-podserver ready name={name} tcp={TCP_TARGET_PORT} udp={UDP_TARGET_PORT}"
+            );
+            if line != expected {
+                return Err(ScenarioError::Timeout {
+                    what: format!("pod server {name} in {ns}"),
+                    waited: PODSERVER_READY,
+                    detail: format!("printed {line:?}, expected {expected:?}"),
+                });
+            }
+            self.pods.push(PodServer { pod, proc });
+        }
+        Ok(())
+    }
+
+    /// The manifest with `endpoints`, as node `node`'s config.
+    fn write_config(&self, path: &Path, endpoints: &[EndpointSpec]) -> Result<(), ScenarioError> {
+        for e in endpoints {
+            self.check_pod(e.pod)?;
+        }
+        let t = self.topology();
+        let text = manifest(endpoints, |p| t.pod_addr(p.node, p.pod));
+        // Write and rename, so the agent never reads a half-written file.
+        let tmp = path.with_extension("yaml.tmp");
+        std::fs::write(&tmp, text).map_err(io_err("writing a config file", &tmp))?;
+        std::fs::rename(&tmp, path).map_err(io_err("replacing a config file", path))?;
+        Ok(())
+    }
+
+    fn start_agents(&mut self) -> Result<(), ScenarioError> {
+        let endpoints: Vec<EndpointSpec> =
+            self.pods().into_iter().map(EndpointSpec::ready).collect();
+        for node in 0..self.node_count() {
+            let name = node_name(node);
+            let config = self.workdir.join(format!("{name}.yaml"));
+            self.write_config(&config, &endpoints)?;
+            let pin_dir = Path::new(PIN_ROOT).join(format!("{}-{name}", self.prefix()));
+            let addr = self.node_addr(node).to_string();
+            #[rustfmt::skip]
+            let args: Vec<String> = [
+                "standalone",
+                "--iface", NIC,
+                "--config", &config.to_string_lossy(),
+                "--node-name", &name,
+                "--node-addr", &addr,
+                "--snat-addr", &addr,
+                "--xdp-mode", &self.spec.xdp_mode,
+                "--pin-dir", &pin_dir.to_string_lossy(),
+                "--resync-ms", &self.spec.resync_ms.to_string(),
+            ]
+            .map(String::from)
+            .to_vec();
+            let ns = self.topology().node_ns(node).to_string();
+            let logs = self.logs(&format!("agent-{name}"));
+            let stderr_log = logs.stderr.clone();
+            let proc = spawn_in_ns(&ns, &self.bins.agent, &args, logs, self.spec.detachable)?;
+            // Registered before waiting, so a failed start is still torn down (and its
+            // pins removed) by Drop.
+            self.agents.push(Agent {
+                proc,
+                pin_dir,
+                config,
+                ready: ReadyLine {
+                    node: name.clone(),
+                    iface: NIC.into(),
+                    mode: String::new(),
+                    frontends: 0,
+                    backends: 0,
+                },
+            });
+            let agent = self.agents.last_mut().expect("pushed above");
+            let line = agent
+                .proc
+                .wait_for_line(AGENT_READY_PREFIX, AGENT_READY)
+                .map_err(|detail| ScenarioError::AgentNotReady {
+                    node,
+                    detail: detail + &log_tail(stderr_log.as_deref()),
+                })?;
+            let ready = ReadyLine::parse(&line).map_err(|detail| ScenarioError::BadReadyLine {
+                node,
+                line: line.clone(),
+                detail,
+            })?;
+            if ready.node != name || ready.iface != NIC {
+                return Err(ScenarioError::BadReadyLine {
+                    node,
+                    line,
+                    detail: format!("expected node={name} iface={NIC}"),
+                });
+            }
+            agent.ready = ready;
+        }
+        Ok(())
+    }
+
+    /// Rewrites node `node`'s config with `endpoints`; its agent applies it within
+    /// `--resync-ms` (callers check the effect on traffic).
+    pub fn set_endpoints(
+        &self,
+        node: usize,
+        endpoints: &[EndpointSpec],
+    ) -> Result<(), ScenarioError> {
+        self.write_config(&self.agents[node].config, endpoints)
+    }
+
+    /// Whether node `node`'s agent still runs.
+    pub fn agent_running(&mut self, node: usize) -> bool {
+        self.agents[node].proc.is_running()
+    }
+
+    /// Runs `f` on a thread inside the client namespace (sockets it opens stay there).
+    pub fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, ScenarioError> {
+        in_netns(self.topology().client_ns(), f).map_err(netns_err("entering the client namespace"))
+    }
+
+    /// Opens a TCP connection from the client to `addr:port` for keep-alive requests.
+    pub fn connect(&self, addr: Ipv4Addr, port: u16) -> Result<HttpConn, ScenarioError> {
+        let target = SocketAddrV4::new(addr, port);
+        let stream =
+            self.in_client(|| TcpStream::connect_timeout(&SocketAddr::V4(target), IO_TIMEOUT))?;
+        let req_err = |source| ScenarioError::Request {
+            what: "TCP connect to",
+            target,
+            source,
+        };
+        let stream = stream.map_err(req_err)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(req_err)?;
+        stream
+            .set_write_timeout(Some(IO_TIMEOUT))
+            .map_err(req_err)?;
+        stream.set_nodelay(true).map_err(req_err)?;
+        let local = v4(stream.local_addr().map_err(req_err)?);
+        let peer = v4(stream.peer_addr().map_err(req_err)?);
+        Ok(HttpConn {
+            reader: BufReader::new(stream),
+            target,
+            local,
+            peer,
+        })
+    }
+
+    /// One HTTP request on a new connection (a new source port) from the client.
+    pub fn http_get(&self, addr: Ipv4Addr, port: u16) -> Result<Answer, ScenarioError> {
+        self.connect(addr, port)?.request(true)
+    }
+
+    /// One UDP query from a new client socket (a new source port). The socket is connected
+    /// to `addr:port`, so a reply from any other source is never received.
+    pub fn udp_query(&self, addr: Ipv4Addr, port: u16) -> Result<Answer, ScenarioError> {
+        let target = SocketAddrV4::new(addr, port);
+        let req_err = |source| ScenarioError::Request {
+            what: "UDP query to",
+            target,
+            source,
+        };
+        let sock = self
+            .in_client(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
+            .map_err(req_err)?;
+        sock.connect(target).map_err(req_err)?;
+        sock.set_read_timeout(Some(IO_TIMEOUT)).map_err(req_err)?;
+        sock.send(b"lbx?").map_err(req_err)?;
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).map_err(req_err)?;
+        let body = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let (pod, client_seen, ttl) =
+            parse_body(&body).map_err(|detail| ScenarioError::BadAnswer {
+                what: "UDP query to",
+                target,
+                answer: body.clone(),
+                detail,
+            })?;
+        Ok(Answer {
+            pod,
+            client_seen,
+            local: v4(sock.local_addr().map_err(req_err)?),
+            peer: v4(sock.peer_addr().map_err(req_err)?),
+            ttl,
+        })
+    }
+
+    /// Runs `lb-user ARGS --pin-dir <node's pin dir> --output json` and parses its output.
+    fn cli_json(
+        &self,
+        node: usize,
+        sub: &str,
+    ) -> Result<(String, serde_json::Value), ScenarioError> {
+        let pin = self.pin_dir(node).to_string_lossy().into_owned();
+        let mut cmd = Command::new(&self.bins.agent);
+        cmd.args([sub, "--pin-dir", &pin, "--output", "json"]);
+        let command = describe(&cmd);
+        let out =
+            netns::output(&mut cmd).map_err(netns_err(format!("reading node {node}'s {sub}")))?;
+        let value = serde_json::from_str(&out).map_err(|e| ScenarioError::BadOutput {
+            command: command.clone(),
+            detail: e.to_string(),
+            output: out.clone(),
+        })?;
+        Ok((command, value))
+    }
+
+    /// Node `node`'s data-plane counters (`lb-user counters`): reason name -> packets.
+    pub fn counters(&self, node: usize) -> Result<BTreeMap<String, u64>, ScenarioError> {
+        let (command, v) = self.cli_json(node, "counters")?;
+        parse_counters(&v).map_err(|detail| ScenarioError::BadOutput {
+            command,
+            detail,
+            output: v.to_string(),
+        })
+    }
+
+    /// Node `node`'s connection-tracking table (`lb-user conntrack`), as the CLI prints it.
+    pub fn conntrack(&self, node: usize) -> Result<serde_json::Value, ScenarioError> {
+        Ok(self.cli_json(node, "conntrack")?.1)
+    }
+
+    /// Installs an [`NftProbe`] in node `node`'s namespace counting the client's traffic to
+    /// and from the Service's node ports and target ports.
+    pub fn install_nft_probe(&self, node: usize) -> Result<NftProbe, ScenarioError> {
+        NftProbe::install(
+            self.topology().node_ns(node),
+            self.client_addr(),
+            &[
+                TCP_NODE_PORT,
+                TCP_TARGET_PORT,
+                UDP_NODE_PORT,
+                UDP_TARGET_PORT,
+            ],
+        )
+    }
+
+    /// Everything this lab created, to check teardown against.
+    pub fn footprint(&self) -> Footprint {
+        let name = |p: &Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let mut processes: Vec<(u32, String)> = self
+            .agents
+            .iter()
+            .map(|a| (a.proc.pid(), name(&self.bins.agent)))
+            .collect();
+        processes.extend(
+            self.pods
+                .iter()
+                .map(|p| (p.proc.pid(), name(&self.bins.podserver))),
+        );
+        Footprint {
+            prefix: self.prefix().to_string(),
+            processes,
+            pin_dirs: self.agents.iter().map(|a| a.pin_dir.clone()).collect(),
+            workdir: self.workdir.clone(),
+        }
+    }
+
+    /// Stops everything and checks that the agents kept their shutdown contract: exit 0 on
+    /// SIGTERM, XDP detached from the node NIC, pins removed. Then the pod servers,
+    /// namespaces and files go. Every problem is reported, not only the first.
+    pub fn shutdown(mut self) -> Result<(), ScenarioError> {
+        let mut problems = Vec::new();
+        let agents = std::mem::take(&mut self.agents);
+        for (node, agent) in agents.into_iter().enumerate() {
+            let Agent { proc, pin_dir, .. } = agent;
+            match proc.stop() {
+                Some(s) if s.success() => {}
+                Some(s) => problems.push(format!("agent of n{node} ended with {s} on SIGTERM")),
+                None => problems.push(format!("agent of n{node}: exit status unknown")),
+            }
+            let ns = self.topology().node_ns(node);
+            match netns::ip(&["-n", ns, "-j", "link", "show", "dev", NIC]) {
+                Ok(out) if out.contains("\"xdp\"") => {
+                    problems.push(format!("XDP still attached to {NIC} of n{node}: {out}"))
+                }
+                Ok(_) => {}
+                Err(e) => problems.push(format!("cannot inspect {NIC} of n{node}: {e}")),
+            }
+            if pin_dir.exists() {
+                problems.push(format!(
+                    "agent of n{node} left its pin directory {}",
+                    pin_dir.display()
+                ));
+                let _ = std::fs::remove_dir_all(&pin_dir);
+            }
+        }
+        for pod in std::mem::take(&mut self.pods) {
+            pod.proc.stop();
+        }
+        drop(self.topo.take());
+        if let Err(e) = std::fs::remove_dir_all(&self.workdir) {
+            problems.push(format!("cannot remove {}: {e}", self.workdir.display()));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ScenarioError::Teardown { problems })
+        }
+    }
+
+    /// Leaves the lab running after this process exits (a lab started with
+    /// `detachable: true`) and returns shell commands that tear it down.
+    pub fn keep(mut self) -> Result<Vec<String>, ScenarioError> {
+        if !self.spec.detachable {
+            return Err(ScenarioError::Teardown {
+                problems: vec![
+                    "only a lab started with LabSpec::detachable can be kept (its processes \
+                     would die with this one)"
+                        .into(),
+                ],
+            });
+        }
+        self.kept = true;
+        let pids: Vec<String> = self
+            .agents
+            .iter()
+            .map(|a| a.proc.pid().to_string())
+            .collect();
+        let pod_pids: Vec<String> = self.pods.iter().map(|p| p.proc.pid().to_string()).collect();
+        let prefix = self.prefix().to_string();
+        let commands = vec![
+            format!(
+                "kill {}   # the agents: they detach XDP and remove their pins",
+                pids.join(" ")
+            ),
+            format!("kill {}   # the pod servers", pod_pids.join(" ")),
+            format!(
+                "for ns in $(ip netns list | awk '/^{prefix}-/ {{print $1}}'); do ip netns del \"$ns\"; done"
+            ),
+            format!(
+                "rm -rf {} {}",
+                self.agents
+                    .iter()
+                    .map(|a| a.pin_dir.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                self.workdir.display()
+            ),
+        ];
+        for agent in std::mem::take(&mut self.agents) {
+            agent.proc.release();
+        }
+        for pod in std::mem::take(&mut self.pods) {
+            pod.proc.release();
+        }
+        if let Some(topo) = self.topo.take() {
+            // Leak the guards: the namespaces stay.
+            std::mem::forget(topo);
+        }
+        Ok(commands)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        // Agents first: they detach and unpin while their namespaces still exist.
+        for agent in std::mem::take(&mut self.agents) {
+            let Agent { proc, pin_dir, .. } = agent;
+            proc.stop();
+            if pin_dir.exists() {
+                if let Err(e) = std::fs::remove_dir_all(&pin_dir) {
+                    eprintln!("lbx: could not remove {}: {e}", pin_dir.display());
+                }
+            }
+        }
+        for pod in std::mem::take(&mut self.pods) {
+            pod.proc.stop();
+        }
+        drop(self.topo.take());
+        if self.workdir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&self.workdir) {
+                eprintln!("lbx: could not remove {}: {e}", self.workdir.display());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_ids_round_trip() {
+        let p = PodId::new(1, 0);
+        assert_eq!(p.to_string(), "n1-p0");
+        assert_eq!("n1-p0".parse::<PodId>(), Ok(p));
+        assert!("lbx-1-0-n1-p0".parse::<PodId>().is_err());
+        assert!("n1p0".parse::<PodId>().is_err());
+        assert_eq!(p.node_name(), "n1");
+    }
+
+    #[test]
+    fn bodies_parse() {
+        let (pod, client, ttl) = parse_body("pod=n0-p1 client=10.77.0.100:40000\n").unwrap();
+        assert_eq!(pod, PodId::new(0, 1));
+        assert_eq!(client, "10.77.0.100:40000".parse().unwrap());
+        assert_eq!(ttl, None);
+        let (_, _, ttl) = parse_body("pod=n1-p0 client=10.77.0.10:61000 ttl=63\n").unwrap();
+        assert_eq!(ttl, Some(63));
+        assert!(parse_body("pod=n1-p0\n").is_err());
+        assert!(parse_body("hello world").is_err());
+    }
+
+    #[test]
+    fn counters_parse() {
+        let v = serde_json::json!({"counters": [{"reason": "fwd_local", "count": 3},
+            {"reason": "fwd_remote", "count": 0}], "total": 3});
+        let c = parse_counters(&v).unwrap();
+        assert_eq!(c["fwd_local"], 3);
+        assert_eq!(c["fwd_remote"], 0);
+        let flat = serde_json::json!({"fwd_local": 5});
+        assert_eq!(parse_counters(&flat).unwrap()["fwd_local"], 5);
+        assert!(parse_counters(&serde_json::json!([1, 2])).is_err());
+        assert!(parse_counters(&serde_json::json!({"counters": [{"count": 1}]})).is_err());
+    }
+
+    #[test]
+    fn ready_line_parses() {
+        let r =
+            ReadyLine::parse("lbx: ready node=n0 iface=eth0 mode=native frontends=4 backends=8")
+                .unwrap();
+        assert_eq!(
+            r,
+            ReadyLine {
+                node: "n0".into(),
+                iface: "eth0".into(),
+                mode: "native".into(),
+                frontends: 4,
+                backends: 8
+            }
+        );
+        assert!(ReadyLine::parse("lbx: ready node=n0 iface=eth0").is_err());
+        assert!(ReadyLine::parse("ready node=n0").is_err());
+    }
+
+    #[test]
+    fn manifest_parses_as_the_agent_reads_it() {
+        let eps = [
+            EndpointSpec::ready(PodId::new(0, 0)),
+            EndpointSpec::terminating(PodId::new(1, 1)),
+        ];
+        let text = manifest(&eps, |p| crate::topology::pod_addr_of(p.node, p.pod));
+        let m = lb_user::standalone::parse_str(&text).expect("manifest parses");
+        assert_eq!((m.services.len(), m.endpoint_slices.len()), (1, 1));
+        let (desired, skipped) = lb_user::translate::translate(
+            &m.services,
+            &m.endpoint_slices,
+            "n0",
+            &Default::default(),
+        );
+        assert!(skipped.is_empty(), "{skipped:?}");
+        // TCP and UDP ports, each with the NodePort and the LoadBalancer IP.
+        assert_eq!(desired.services.len(), 2);
+        for (id, s) in &desired.services {
+            assert_eq!(s.frontends.len(), 2, "{id}");
+            let got: Vec<(Ipv4Addr, bool, bool)> = s
+                .backends
+                .iter()
+                .map(|b| (b.addr, b.local, b.terminating))
+                .collect();
+            assert_eq!(
+                got,
+                vec![
+                    (Ipv4Addr::new(10, 77, 1, 10), true, false),
+                    (Ipv4Addr::new(10, 77, 2, 11), false, true),
+                ],
+                "{id}"
+            );
+            assert_eq!(s.ring_backends().count(), 1, "{id}");
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! The XDP data plane end to end, with real sockets: a client, two nodes each running the
+//! real `lb-user standalone` agent on its NIC, and pod servers behind them (see
+//! `lb_tests::scenario`). Every test builds its own lab under a unique namespace prefix.
+//!
+//! Needs root (CI runs as root) and fails, never skips, without it. Run one at a time:
+//!     cargo test --release -p lb-tests --test netns_dataplane -- --test-threads=1
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use lb_tests::scenario::{
+    Answer, EndpointSpec, HttpConn, Lab, LabSpec, PodId, ScenarioError, LB_INGRESS_IP, NFT_HOOKS,
+    TCP_NODE_PORT, TCP_SERVICE_PORT, TCP_TARGET_PORT, UDP_NODE_PORT, UDP_SERVICE_PORT,
+};
+
+/// Connections per check: with 4 equal backends, 200 flows leave a pod out with probability
+/// 4 * (3/4)^200 (about 1e-24), and give each pod 50 +- 6 flows.
+const FLOWS: usize = 200;
+
+fn start_lab() -> Lab {
+    Lab::start(LabSpec::default()).unwrap_or_else(|e| panic!("starting the lab: {}", e))
+}
+
+fn ok<T>(what: impl std::fmt::Display, r: Result<T, ScenarioError>) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: {}", e))
+}
+
+/// `n` new TCP connections (one request each) to `addr:port`, every one from a new source
+/// port and answered by `addr:port` itself.
+fn tcp_flows(lab: &Lab, addr: Ipv4Addr, port: u16, n: usize) -> Vec<Answer> {
+    let target = SocketAddrV4::new(addr, port);
+    let answers: Vec<Answer> = (0..n)
+        .map(|i| {
+            ok(
+                format!("TCP flow {i} to {target}"),
+                lab.http_get(addr, port),
+            )
+        })
+        .collect();
+    check_flows("TCP", target, &answers);
+    answers
+}
+
+/// Like [`tcp_flows`] for UDP queries.
+fn udp_flows(lab: &Lab, addr: Ipv4Addr, port: u16, n: usize) -> Vec<Answer> {
+    let target = SocketAddrV4::new(addr, port);
+    let answers: Vec<Answer> = (0..n)
+        .map(|i| {
+            ok(
+                format!("UDP query {i} to {target}"),
+                lab.udp_query(addr, port),
+            )
+        })
+        .collect();
+    check_flows("UDP", target, &answers);
+    answers
+}
+
+fn check_flows(proto: &str, target: SocketAddrV4, answers: &[Answer]) {
+    for a in answers {
+        // The connected socket received the answer, so it came from the frontend; the
+        // peer address says the same from the socket's side.
+        assert_eq!(a.peer, target, "{proto} answer from the wrong peer: {a:?}");
+    }
+    let ports: BTreeSet<u16> = answers.iter().map(|a| a.local.port()).collect();
+    assert_eq!(
+        ports.len(),
+        answers.len(),
+        "{proto} flows to {target} reused client source ports: they were not all new flows"
+    );
+}
+
+fn per_pod(answers: &[Answer]) -> BTreeMap<PodId, usize> {
+    let mut m = BTreeMap::new();
+    for a in answers {
+        *m.entry(a.pod).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Every pod answered, and Maglev spread the flows: each pod got at least a third of
+/// its fair share.
+fn assert_spread(what: &str, lab: &Lab, answers: &[Answer]) {
+    let counts = per_pod(answers);
+    let all: BTreeSet<PodId> = lab.pods().into_iter().collect();
+    let answered: BTreeSet<PodId> = counts.keys().copied().collect();
+    assert_eq!(answered, all, "{what}: pods that answered: {counts:?}");
+    let fair = answers.len() / all.len();
+    for (pod, n) in &counts {
+        assert!(
+            *n >= fair / 3,
+            "{what}: {pod} got {n} of {} flows (fair share {fair}): {counts:?}",
+            answers.len()
+        );
+    }
+    eprintln!("{what}: {counts:?}");
+}
+
+fn counters(lab: &Lab, node: usize) -> BTreeMap<String, u64> {
+    ok(format!("lb-user counters of n{node}"), lab.counters(node))
+}
+
+fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>, reason: &str) -> u64 {
+    let get = |m: &BTreeMap<String, u64>| {
+        *m.get(reason)
+            .unwrap_or_else(|| panic!("lb-user counters has no {reason:?}: {m:?}"))
+    };
+    get(after) - get(before)
+}
+
+/// Counters that must never move: a program error or a failed redirect is a bug.
+fn assert_no_errors(lab: &Lab, node: usize) {
+    let c = counters(lab, node);
+    for bad in [
+        "pass_internal",
+        "drop_redirect_failed",
+        "pass_backend_missing",
+    ] {
+        assert_eq!(c.get(bad), Some(&0), "n{node}: {bad} counted: {c:?}");
+    }
+}
+
+#[test]
+fn nodeport_tcp_udp_and_lb_ip_reach_pods_on_both_nodes() {
+    let lab = start_lab();
+    for node in 0..lab.node_count() {
+        let r = lab.agent_ready(node);
+        // The lab's veths support native XDP: a fallback to generic is a regression.
+        assert_eq!(r.mode, "native", "n{node}: {r:?}");
+        // NodePort TCP + UDP and the LoadBalancer IP for both: four FRONTENDS entries.
+        assert_eq!(r.frontends, 4, "n{node}: {r:?}");
+    }
+    let node0 = lab.node_addr(0);
+    let before = counters(&lab, 0);
+
+    let tcp = tcp_flows(&lab, node0, TCP_NODE_PORT, FLOWS);
+    assert_spread("TCP via n0 NodePort", &lab, &tcp);
+    let udp = udp_flows(&lab, node0, UDP_NODE_PORT, FLOWS);
+    assert_spread("UDP via n0 NodePort", &lab, &udp);
+
+    let lb_tcp = tcp_flows(&lab, LB_INGRESS_IP, TCP_SERVICE_PORT, FLOWS / 2);
+    assert_spread("TCP via the LoadBalancer IP", &lab, &lb_tcp);
+    let lb_udp = udp_flows(&lab, LB_INGRESS_IP, UDP_SERVICE_PORT, FLOWS / 2);
+    assert_spread("UDP via the LoadBalancer IP", &lab, &lb_udp);
+
+    // Node 1's agent serves its NodePort too.
+    let node1 = lab.node_addr(1);
+    let n1 = tcp_flows(&lab, node1, TCP_NODE_PORT, FLOWS / 2);
+    assert_spread("TCP via n1 NodePort", &lab, &n1);
+
+    // Node 0 handled all of it in BPF, both ways.
+    let after = counters(&lab, 0);
+    for reason in ["fwd_local", "fwd_remote", "rev_nat_local", "rev_nat_remote"] {
+        assert!(
+            delta(&after, &before, reason) > 0,
+            "n0 counted no {reason}: before {before:?}, after {after:?}"
+        );
+    }
+    assert_no_errors(&lab, 0);
+    assert_no_errors(&lab, 1);
+}
+
+#[test]
+fn client_ip_kept_for_local_pods_and_snat_for_remote_ones() {
+    let lab = start_lab();
+    let client = lab.client_addr();
+    for entry in 0..lab.node_count() {
+        let node = lab.node_addr(entry);
+        let mut answers = tcp_flows(&lab, node, TCP_NODE_PORT, FLOWS / 2);
+        answers.extend(udp_flows(&lab, node, UDP_NODE_PORT, FLOWS / 4));
+        let (mut local, mut remote) = (0, 0);
+        for a in &answers {
+            if a.pod.node == entry {
+                // Redirected into the pod's veth: the pod sees the client's own socket.
+                assert_eq!(
+                    a.client_seen, a.local,
+                    "pod {} behind n{entry} saw a different client: {a:?}",
+                    a.pod
+                );
+                assert_eq!(a.client_seen.ip(), &client);
+                local += 1;
+            } else {
+                // Forwarded to the owning node: SNAT to the entry node's address.
+                assert_eq!(
+                    a.client_seen.ip(),
+                    &node,
+                    "pod {} reached through n{entry} should see n{entry}'s address: {a:?}",
+                    a.pod
+                );
+                remote += 1;
+            }
+        }
+        eprintln!("via n{entry}: {local} local, {remote} remote flows");
+        assert!(
+            local > 0 && remote > 0,
+            "via n{entry}: {local} local, {remote} remote"
+        );
+    }
+}
+
+#[test]
+fn accelerated_flows_bypass_netfilter_on_the_node() {
+    let lab = start_lab();
+    let node0 = lab.node_addr(0);
+    let probe = ok("installing the nft probe in n0", lab.install_nft_probe(0));
+    let zero: BTreeMap<String, u64> = NFT_HOOKS.iter().map(|h| (h.to_string(), 0)).collect();
+    assert_eq!(ok("reading the nft probe", probe.read()), zero);
+
+    // First prove the rules count: the client talks to node 0's pods directly (routed by
+    // node 0: prerouting, forward, postrouting) and to a closed port on node 0 itself
+    // (input, and output for the RST). This runs before any Service flow, so no reverse-NAT
+    // state exists yet for the client ports it uses.
+    for k in 0..lab.topology().pod_count(0) {
+        let pod = PodId::new(0, k);
+        let addr = ok("pod address", lab.pod_addr(pod));
+        for a in tcp_flows(&lab, addr, TCP_TARGET_PORT, 5) {
+            assert_eq!(a.pod, pod);
+            assert_eq!(a.client_seen, a.local, "direct pod traffic is not NATed");
+        }
+    }
+    match lab.connect(node0, TCP_TARGET_PORT) {
+        Err(ScenarioError::Request { source, .. })
+            if source.kind() == ErrorKind::ConnectionRefused => {}
+        other => panic!("n0:{TCP_TARGET_PORT} should refuse connections, got {other:?}"),
+    }
+    let live = ok("reading the nft probe", probe.read());
+    for hook in NFT_HOOKS {
+        assert!(live[hook] > 0, "the {hook} rule counted nothing: {live:?}");
+    }
+    eprintln!("nft counters after direct traffic: {live:?}");
+
+    // Now Service traffic through node 0: not one packet may reach netfilter there.
+    let before = counters(&lab, 0);
+    let tcp = tcp_flows(&lab, node0, TCP_NODE_PORT, FLOWS / 2);
+    let udp = udp_flows(&lab, node0, UDP_NODE_PORT, FLOWS / 4);
+    let lb = tcp_flows(&lab, LB_INGRESS_IP, TCP_SERVICE_PORT, FLOWS / 4);
+    let after_nf = ok("reading the nft probe", probe.read());
+    assert_eq!(
+        after_nf, live,
+        "netfilter in n0 saw accelerated flows (counters before and after)"
+    );
+
+    let local_tcp = tcp.iter().chain(&lb).filter(|a| a.pod.node == 0).count() as u64;
+    let local_udp = udp.iter().filter(|a| a.pod.node == 0).count() as u64;
+    assert!(
+        local_tcp >= 20,
+        "only {local_tcp} TCP flows went to n0's pods"
+    );
+    let after = counters(&lab, 0);
+    // A TCP flow sends at least SYN, ACK and the request to the pod and gets at least
+    // SYN-ACK and the response back; a UDP query is one datagram each way.
+    let fwd = delta(&after, &before, "fwd_local");
+    let rev = delta(&after, &before, "rev_nat_local");
+    eprintln!(
+        "{local_tcp} local TCP + {local_udp} local UDP flows: fwd_local +{fwd}, rev_nat_local +{rev}"
+    );
+    assert!(fwd >= 3 * local_tcp + local_udp, "fwd_local grew by {fwd}");
+    assert!(
+        rev >= 2 * local_tcp + local_udp,
+        "rev_nat_local grew by {rev}"
+    );
+    assert_no_errors(&lab, 0);
+}
+
+/// The answer on a long-lived connection must keep coming from the same pod, seeing the
+/// same client address.
+fn check_same(conn: &mut HttpConn, first: &Answer, when: &str) {
+    let a = conn
+        .get()
+        .unwrap_or_else(|e| panic!("keep-alive connection to {} {when}: {}", first.pod, e));
+    assert_eq!(
+        (a.pod, a.client_seen),
+        (first.pod, first.client_seen),
+        "keep-alive connection moved {when}"
+    );
+}
+
+/// Opens new connections through node 0 until `want` of them in a row satisfy `ok` (the
+/// agent applied the new config), using the long-lived connections in between. Panics if
+/// that does not happen within `deadline`.
+fn until_applied(
+    lab: &Lab,
+    what: &str,
+    want: usize,
+    deadline: Duration,
+    ok: impl Fn(PodId) -> bool,
+    keep: &mut [(HttpConn, Answer)],
+) {
+    let start = Instant::now();
+    let mut streak = 0;
+    let mut flows = 0;
+    while streak < want {
+        assert!(
+            start.elapsed() < deadline,
+            "{what}: not applied after {deadline:?} ({flows} new flows, streak {streak})"
+        );
+        let a = self::ok("new flow", lab.http_get(lab.node_addr(0), TCP_NODE_PORT));
+        flows += 1;
+        streak = if ok(a.pod) { streak + 1 } else { 0 };
+        for (conn, first) in keep.iter_mut() {
+            check_same(conn, first, what);
+        }
+    }
+    eprintln!(
+        "{what}: applied after {:?} ({flows} new flows)",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn established_flows_survive_backend_changes_and_terminating_pods() {
+    let mut lab = start_lab();
+    let node0 = lab.node_addr(0);
+    // One long-lived connection to a pod behind node 0 (local delivery), one to a pod on
+    // node 1 (SNAT): both must stay put.
+    let open = |want_node: usize| -> (HttpConn, Answer) {
+        for _ in 0..100 {
+            let mut conn = ok("connect", lab.connect(node0, TCP_NODE_PORT));
+            let first = ok("first request", conn.get());
+            if first.pod.node == want_node {
+                return (conn, first);
+            }
+        }
+        panic!("no connection through n0 reached a pod on n{want_node} in 100 tries");
+    };
+    let mut keep = vec![open(0), open(1)];
+    let (local, remote) = (keep[0].1.pod, keep[1].1.pod);
+    let other_local = PodId::new(0, 1 - local.pod);
+    eprintln!("long-lived connections: {local} (local), {remote} (remote)");
+    let deadline = lab.resync() * 4 + Duration::from_secs(10);
+
+    // 4 -> 2 endpoints: only the two pods of the long-lived connections stay.
+    let two = [EndpointSpec::ready(local), EndpointSpec::ready(remote)];
+    ok("config", lab.set_endpoints(0, &two));
+    // A removed pod would take half of the new flows: 40 in a row without one is 1e-12.
+    let in_two = |p: PodId| p == local || p == remote;
+    until_applied(&lab, "scale 4 -> 2", 40, deadline, in_two, &mut keep);
+    for a in tcp_flows(&lab, node0, TCP_NODE_PORT, 50) {
+        assert!(
+            in_two(a.pod),
+            "scale 4 -> 2: new flow reached removed pod {}",
+            a.pod
+        );
+    }
+
+    // 2 -> 3: the other local pod comes back.
+    let three = [
+        EndpointSpec::ready(local),
+        EndpointSpec::ready(remote),
+        EndpointSpec::ready(other_local),
+    ];
+    ok("config", lab.set_endpoints(0, &three));
+    until_applied(
+        &lab,
+        "scale 2 -> 3",
+        1,
+        deadline,
+        |p| p == other_local,
+        &mut keep,
+    );
+    let answers = tcp_flows(&lab, node0, TCP_NODE_PORT, 60);
+    let pods: BTreeSet<PodId> = answers.iter().map(|a| a.pod).collect();
+    assert_eq!(
+        pods,
+        BTreeSet::from([local, remote, other_local]),
+        "scale 2 -> 3"
+    );
+
+    // Both long-lived pods terminating (ready=false, serving=true, terminating=true):
+    // their connections go on, new flows all go to the one ready pod.
+    let terminating = [
+        EndpointSpec::terminating(local),
+        EndpointSpec::terminating(remote),
+        EndpointSpec::ready(other_local),
+    ];
+    ok("config", lab.set_endpoints(0, &terminating));
+    let only = |p: PodId| p == other_local;
+    until_applied(&lab, "terminating", 40, deadline, only, &mut keep);
+    for a in tcp_flows(&lab, node0, TCP_NODE_PORT, 60) {
+        assert_eq!(
+            a.pod, other_local,
+            "terminating: new flow reached {}",
+            a.pod
+        );
+    }
+    for round in 0..20 {
+        for (conn, first) in keep.iter_mut() {
+            check_same(conn, first, &format!("while terminating (round {round})"));
+        }
+    }
+    assert!(
+        lab.agent_running(0),
+        "the agent of n0 exited during the config changes"
+    );
+    assert_no_errors(&lab, 0);
+}
+
+#[test]
+fn teardown_leaves_nothing_behind() {
+    // Explicit shutdown: also checks the agent's SIGTERM contract (exit 0, XDP detached,
+    // pins removed by the agent itself).
+    let lab = start_lab();
+    let fp = lab.footprint();
+    ok("a request", lab.http_get(lab.node_addr(0), TCP_NODE_PORT));
+    for dir in &fp.pin_dirs {
+        assert!(
+            dir.is_dir(),
+            "the agent did not pin under {}",
+            dir.display()
+        );
+    }
+    assert!(
+        !fp.leftovers().is_empty(),
+        "a running lab must show in its footprint"
+    );
+    ok("shutdown", lab.shutdown());
+    assert_eq!(fp.leftovers(), Vec::<String>::new(), "after shutdown");
+
+    // Plain drop, as when a test panics.
+    let lab = start_lab();
+    let fp = lab.footprint();
+    ok("a request", lab.http_get(lab.node_addr(0), TCP_NODE_PORT));
+    drop(lab);
+    assert_eq!(fp.leftovers(), Vec::<String>::new(), "after drop");
+}
