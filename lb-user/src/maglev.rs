@@ -621,42 +621,4 @@ mod tests {
         }
         assert_eq!(patched, new);
     }
-
-    /// Timing of one m=16381, n=10 build. Ignored by default (timings are meaningless in debug
-    /// builds and on a busy machine); run with
-    /// `cargo test -p lb-user --release maglev_build_speed -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn maglev_build_speed() {
-        let services = 500u32;
-        let sets: Vec<Vec<MaglevBackend>> = (0..services).map(|s| pods(10, 1 + s * 10)).collect();
-        // Each service gets different keys, as real services do.
-        let sets: Vec<Vec<MaglevBackend>> = sets
-            .into_iter()
-            .enumerate()
-            .map(|(s, v)| {
-                v.into_iter()
-                    .map(|b| MaglevBackend {
-                        id: b.id,
-                        key: b.key ^ ((s as u64) << 48),
-                    })
-                    .collect()
-            })
-            .collect();
-        let start = std::time::Instant::now();
-        let mut check = 0u64;
-        for set in &sets {
-            let t = build(set, M).unwrap();
-            check = check.wrapping_add(t[0] as u64);
-        }
-        let per = start.elapsed() / services;
-        println!(
-            "maglev build m={M} n=10: {per:?} per build, 10 000 services ~ {:?} (check {check})",
-            per * 10_000
-        );
-        assert!(
-            per < std::time::Duration::from_millis(1),
-            "{per:?} per build"
-        );
-    }
 }

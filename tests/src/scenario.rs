@@ -22,6 +22,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::str::FromStr;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::netns::{self, in_netns, ChildGuard, NetnsError};
@@ -352,8 +353,18 @@ impl Binaries {
     /// The binaries of the running executable's build profile (`target/<profile>/`), rebuilt
     /// first with `cargo build` so a test never runs a stale agent: `cargo test -p lb-tests`
     /// builds lb-user's library but not its binary. `LBX_AGENT_BIN=PATH` uses that agent
-    /// instead; `LBX_SKIP_BUILD=1` uses whatever is in target/ without building.
+    /// instead; `LBX_SKIP_BUILD=1` uses whatever is in target/ without building. Built
+    /// once per process.
     pub fn locate() -> Result<Self, ScenarioError> {
+        static FOUND: OnceLock<Binaries> = OnceLock::new();
+        if let Some(bins) = FOUND.get() {
+            return Ok(bins.clone());
+        }
+        let bins = Self::find()?;
+        Ok(FOUND.get_or_init(|| bins).clone())
+    }
+
+    fn find() -> Result<Self, ScenarioError> {
         let exe = std::env::current_exe()
             .map_err(io_err("finding the running executable", "/proc/self/exe"))?;
         let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -1362,9 +1373,53 @@ impl Lab {
         self.connect(addr, port)?.request(true)
     }
 
+    /// `n` HTTP requests, each on its own new connection. Every connection stays open until
+    /// all are done, so the kernel cannot hand out a source port twice: `n` distinct flows.
+    pub fn http_flows(
+        &self,
+        addr: Ipv4Addr,
+        port: u16,
+        n: usize,
+    ) -> Result<Vec<Answer>, ScenarioError> {
+        let mut held = Vec::with_capacity(n);
+        let mut answers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut conn = self.connect(addr, port)?;
+            answers.push(conn.request(true)?);
+            held.push(conn);
+        }
+        Ok(answers)
+    }
+
     /// One UDP query from a new client socket (a new source port). The socket is connected
     /// to `addr:port`, so a reply from any other source is never received.
     pub fn udp_query(&self, addr: Ipv4Addr, port: u16) -> Result<Answer, ScenarioError> {
+        Ok(self.udp_query_held(addr, port)?.0)
+    }
+
+    /// `n` UDP queries from `n` sockets kept open until all are answered: `n` distinct
+    /// source ports (the kernel picks them at random and would otherwise repeat some).
+    pub fn udp_flows(
+        &self,
+        addr: Ipv4Addr,
+        port: u16,
+        n: usize,
+    ) -> Result<Vec<Answer>, ScenarioError> {
+        let mut held = Vec::with_capacity(n);
+        let mut answers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (answer, sock) = self.udp_query_held(addr, port)?;
+            answers.push(answer);
+            held.push(sock);
+        }
+        Ok(answers)
+    }
+
+    fn udp_query_held(
+        &self,
+        addr: Ipv4Addr,
+        port: u16,
+    ) -> Result<(Answer, UdpSocket), ScenarioError> {
         let target = SocketAddrV4::new(addr, port);
         let req_err = |source| ScenarioError::Request {
             what: "UDP query to",
@@ -1387,13 +1442,14 @@ impl Lab {
                 answer: body.clone(),
                 detail,
             })?;
-        Ok(Answer {
+        let answer = Answer {
             pod,
             client_seen,
             local: v4(sock.local_addr().map_err(req_err)?),
             peer: v4(sock.peer_addr().map_err(req_err)?),
             ttl,
-        })
+        };
+        Ok((answer, sock))
     }
 
     /// Runs `lb-user ARGS --pin-dir <node's pin dir> --output json` and parses its output.

@@ -128,19 +128,116 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Repeated runs of one unchanging packet: (median ns/packet, all runs).
-fn repeated(dp: &mut Dataplane, pkt: &[u8], args: &Args, expect: u32, reason: Reason) -> Result<(f64, Vec<f64>)> {
-    let mut runs = Vec::new();
-    for _ in 0..args.runs {
-        let before = stat(dp, reason)?;
-        let (v, d) = dp.bench_xdp(pkt, args.repeat)?;
-        ensure!(v == expect, "verdict {v}, expected {expect}");
-        let counted = stat(dp, reason)? - before;
-        ensure!(counted == args.repeat as u64, "{} counted {counted} of {} repeats: the path changed", reason.name(), args.repeat);
-        runs.push(d.as_nanos() as f64);
-    }
-    let m = median(&mut runs.clone());
-    Ok((m, runs))
+/// One test run of `repeat` copies of an unchanging packet; the counters must show every
+/// repeat took the path named by `reason`. Returns ns per packet.
+fn one_run(dp: &mut Dataplane, pkt: &[u8], repeat: u32, expect: u32, reason: Reason) -> Result<f64> {
+    let before = stat(dp, reason)?;
+    let (v, d) = dp.bench_xdp(pkt, repeat)?;
+    ensure!(v == expect, "verdict {v}, expected {expect}");
+    let counted = stat(dp, reason)? - before;
+    ensure!(counted == repeat as u64, "{} counted {counted} of {repeat} repeats: the path changed", reason.name());
+    Ok(d.as_nanos() as f64)
+}
+
+/// A loaded data plane for one service count, with the packets of every case.
+struct Size {
+    n: u32,
+    dp: Dataplane,
+    non_service: Vec<u8>,
+    arp: Vec<u8>,
+    ct_pkt: Vec<u8>,
+    chain_pkt: Vec<u8>,
+}
+
+const CHAIN_REPEAT: u32 = 4000;
+
+fn prepare(n: u32, args: &Args) -> Result<Size> {
+    eprintln!("services = {n}");
+    let mut dp = setup(n, args.backends, args.ct_entries)?;
+    let target = n / 2;
+
+    // non_service: to the node, a port no service uses.
+    let non_service = Packet::eth(CLIENT_MAC, NIC_MAC).ipv4(CLIENT, NODE).tcp(40000, 9999).ack().build();
+    // floor: the shortest path through the program (an ARP frame: Ethernet parse and a
+    // counter); empty_program runs lb_pass (returns XDP_PASS, touches nothing) on it.
+    let arp = Packet::eth(CLIENT_MAC, NIC_MAC).ethertype(0x0806).payload(&[0u8; 28]).build();
+
+    // ct_hit fixed point on backend 0 of the target service.
+    let be_ip = pod_ip(target, 0);
+    let fe = Frontend { service_id: target, backend_count: args.backends, flags: 0, affinity_timeout_s: 0 };
+    dp.set_frontend(&frontend_key(Some(be_ip), 8080, PROTO_TCP), &fe)?;
+    let key = CtKey {
+        saddr: addr(CLIENT),
+        daddr: addr(be_ip),
+        sport: port_be(40000),
+        dport: port_be(8080),
+        proto: PROTO_TCP,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let be_id = 1 + target * args.backends;
+    dp.set_conntrack(&key, &CtEntry { backend_id: be_id, service_id: target, ..Default::default() })?;
+    let ct_pkt = Packet::eth(POD_MAC, VETH_MAC).ipv4(CLIENT, be_ip).tcp(40000, 8080).ack().payload(&[0u8; 64]).build();
+
+    // new_flow: a chain of new flows inside one test run. The bench service (slot n) has one
+    // remote backend Q:8080 and an exact frontend on Q:8080 itself. A packet to Q:8080 is
+    // SNATed to (node, fresh port) and DNATed to Q:8080, so the next repeat is again a packet
+    // to the frontend, from a source port never used before (SNAT ports are allocated
+    // exclusively): every repeat creates a flow. This is the remote (SNAT) path, the heavier
+    // of the two new-flow paths.
+    let chain = n;
+    let q = Ipv4Addr::new(10, 99, 0, 1);
+    let mut cfg = dp.config()?;
+    // Room for the chain's exclusive ports; the non_service port (9999) stays outside the
+    // range, as the node's own traffic stays outside the default SNAT range.
+    cfg.snat_port_min = 32768;
+    cfg.snat_port_max = 65535;
+    dp.set_config(&cfg)?;
+    let q_id = n * args.backends + 1;
+    dp.set_backend(q_id, &lb_tests::fixture::remote_backend(q, 8080))?;
+    dp.write_full_ring(chain, &vec![q_id; DEFAULT_MAGLEV_SIZE as usize])?;
+    let chain_fe = Frontend { service_id: chain, backend_count: 1, flags: 0, affinity_timeout_s: 0 };
+    dp.set_frontend(&frontend_key(Some(q), 8080, PROTO_TCP), &chain_fe)?;
+    let chain_pkt = Packet::eth(CLIENT_MAC, NIC_MAC).ipv4(CLIENT, q).tcp(40000, 8080).syn().build();
+    Ok(Size { n, dp, non_service, arp, ct_pkt, chain_pkt })
+}
+
+/// One run of every case on one size: (case, ns per packet).
+fn round(sz: &mut Size, args: &Args) -> Result<Vec<(&'static str, f64)>> {
+    let dp = &mut sz.dp;
+    let r = args.repeat;
+    let mut out = Vec::new();
+    let (_, d) = dp.bench_pass(&sz.arp, r)?;
+    out.push(("empty_program", d.as_nanos() as f64));
+    out.push(("floor", one_run(dp, &sz.arp, r, XDP_PASS, Reason::PassNotIpv4)?));
+    out.push(("non_service", one_run(dp, &sz.non_service, r, XDP_PASS, Reason::PassNonService)?));
+    out.push(("ct_hit", one_run(dp, &sz.ct_pkt, r, XDP_REDIRECT, Reason::FwdLocal)?));
+
+    dp.flush_flows()?;
+    let ct_key = CtKey {
+        saddr: addr(CLIENT),
+        daddr: addr(pod_ip(sz.n / 2, 0)),
+        sport: port_be(40000),
+        dport: port_be(8080),
+        proto: PROTO_TCP,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let before = stat(dp, Reason::FwdRemote)?;
+    let (v, d) = dp.bench_xdp(&sz.chain_pkt, CHAIN_REPEAT)?;
+    ensure!(v == lb_tests::fixture::XDP_TX, "new_flow chain: verdict {v}");
+    let fwd = stat(dp, Reason::FwdRemote)? - before;
+    let flows = dp.conntrack()?.len();
+    ensure!(
+        fwd == CHAIN_REPEAT as u64 && flows == CHAIN_REPEAT as usize,
+        "new_flow chain: {fwd} forwards and {flows} flows for {CHAIN_REPEAT} repeats (every repeat must be a new flow)"
+    );
+    out.push(("new_flow", d.as_nanos() as f64));
+    // Restore the ct_hit fixed point's entry for the next round.
+    dp.flush_flows()?;
+    let be_id = 1 + (sz.n / 2) * args.backends;
+    dp.set_conntrack(&ct_key, &CtEntry { backend_id: be_id, service_id: sz.n / 2, ..Default::default() })?;
+    Ok(out)
 }
 
 fn main() -> Result<()> {
@@ -148,95 +245,31 @@ fn main() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the XDP benchmark needs root (BPF_PROG_TEST_RUN): run it through `cargo xtask bench xdp`");
     }
+    // All sizes stay loaded and are measured in alternation, so drift on a shared machine
+    // (other load, frequency) hits every size alike and the ratios stay fair.
+    let mut sizes = args.services.iter().map(|&n| prepare(n, &args)).collect::<Result<Vec<_>>>()?;
+    let mut samples: std::collections::BTreeMap<(u32, &'static str), Vec<f64>> = Default::default();
+    for r in 0..args.runs {
+        for sz in sizes.iter_mut() {
+            for (case, ns) in round(sz, &args)? {
+                samples.entry((sz.n, case)).or_default().push(ns);
+            }
+        }
+        eprintln!("  round {}/{} done", r + 1, args.runs);
+    }
     let mut cases = Vec::new();
-    for &n in &args.services {
-        eprintln!("services = {n}");
-        let mut dp = setup(n, args.backends, args.ct_entries)?;
-        let target = n / 2;
-        
-
-        // non_service: to the node, a port no service uses.
-        let non_service = Packet::eth(CLIENT_MAC, NIC_MAC).ipv4(CLIENT, NODE).tcp(40000, 9999).ack().build();
-        let (ns, ns_runs) = repeated(&mut dp, &non_service, &args, XDP_PASS, Reason::PassNonService)?;
-
-        // floor: the shortest path through the program (an ARP frame: Ethernet parse and a
-        // counter), i.e. what running any XDP program costs here; reported for reference.
-        let arp = Packet::eth(CLIENT_MAC, NIC_MAC).ethertype(0x0806).payload(&[0u8; 28]).build();
-        let (floor, floor_runs) = repeated(&mut dp, &arp, &args, XDP_PASS, Reason::PassNotIpv4)?;
-        // empty_program: lb_pass (returns XDP_PASS, touches nothing): the test harness itself.
-        let mut empty_runs = Vec::new();
-        for _ in 0..args.runs {
-            let (_, d) = dp.bench_pass(&arp, args.repeat)?;
-            empty_runs.push(d.as_nanos() as f64);
+    for name in ["empty_program", "floor", "non_service", "ct_hit", "new_flow"] {
+        for sz in &sizes {
+            let runs = samples[&(sz.n, name)].clone();
+            cases.push(Case { name, services: sz.n, ns_per_packet: median(&mut runs.clone()), runs_ns: runs });
         }
-        let empty = median(&mut empty_runs.clone());
-        cases.push(Case { name: "empty_program", services: n, ns_per_packet: empty, runs_ns: empty_runs });
-
-        // ct_hit fixed point on backend 0 of the target service.
-        let be_ip = pod_ip(target, 0);
-        let fe = Frontend { service_id: target, backend_count: args.backends, flags: 0, affinity_timeout_s: 0 };
-        dp.set_frontend(&frontend_key(Some(be_ip), 8080, PROTO_TCP), &fe)?;
-        let key = CtKey {
-            saddr: addr(CLIENT),
-            daddr: addr(be_ip),
-            sport: port_be(40000),
-            dport: port_be(8080),
-            proto: PROTO_TCP,
-            _pad0: 0,
-        _pad1: 0,
-        };
-        let be_id = 1 + target * args.backends;
-        dp.set_conntrack(&key, &CtEntry { backend_id: be_id, service_id: target, ..Default::default() })?;
-        let ct_pkt = Packet::eth(POD_MAC, VETH_MAC).ipv4(CLIENT, be_ip).tcp(40000, 8080).ack().payload(&[0u8; 64]).build();
-        let (ct, ct_runs) = repeated(&mut dp, &ct_pkt, &args, XDP_REDIRECT, Reason::FwdLocal)?;
-
-        // new_flow: a chain of new flows inside one test run. The bench service (slot n) has
-        // one remote backend Q:8080 and an exact frontend on Q:8080 itself. A packet to
-        // Q:8080 is SNATed to (node, fresh port) and DNATed to Q:8080, so the next repeat is
-        // again a packet to the frontend, from a source port never used before (SNAT ports
-        // are allocated exclusively): every repeat creates a flow. This is the remote (SNAT)
-        // path, the heavier of the two new-flow paths.
-        let chain = n;
-        let q = Ipv4Addr::new(10, 99, 0, 1);
-        let mut cfg = dp.config()?;
-        cfg.snat_port_min = 1024;
-        cfg.snat_port_max = 65535;
-        dp.set_config(&cfg)?;
-        let be_q = lb_tests::fixture::remote_backend(q, 8080);
-        let q_id = n * args.backends + 1;
-        dp.set_backend(q_id, &be_q)?;
-        dp.write_full_ring(chain, &vec![q_id; DEFAULT_MAGLEV_SIZE as usize])?;
-        let chain_fe = Frontend { service_id: chain, backend_count: 1, flags: 0, affinity_timeout_s: 0 };
-        dp.set_frontend(&frontend_key(Some(q), 8080, PROTO_TCP), &chain_fe)?;
-        let chain_pkt = Packet::eth(CLIENT_MAC, NIC_MAC).ipv4(CLIENT, q).tcp(40000, 8080).syn().build();
-        let chain_repeat = 4000;
-        let mut new_runs = Vec::new();
-        for _ in 0..args.runs {
-            dp.flush_flows()?;
-            let before = stat(&dp, Reason::FwdRemote)?;
-            let (v, d) = dp.bench_xdp(&chain_pkt, chain_repeat)?;
-            ensure!(v == lb_tests::fixture::XDP_TX, "new_flow chain: verdict {v}");
-            let fwd = stat(&dp, Reason::FwdRemote)? - before;
-            let flows = dp.conntrack()?.len();
-            ensure!(
-                fwd == chain_repeat as u64 && flows == chain_repeat as usize,
-                "new_flow chain: {fwd} forwards and {flows} flows for {chain_repeat} repeats (every repeat must be a new flow)"
-            );
-            new_runs.push(d.as_nanos() as f64);
-        }
-        dp.flush_flows()?;
-        let new_ns = median(&mut new_runs.clone());
-
-        cases.push(Case { name: "floor", services: n, ns_per_packet: floor, runs_ns: floor_runs });
-        eprintln!("  empty program {empty:.1} ns, floor {floor:.1} ns, non_service {ns:.1} ns, ct_hit {ct:.1} ns, new_flow {new_ns:.1} ns");
-        cases.push(Case { name: "ct_hit", services: n, ns_per_packet: ct, runs_ns: ct_runs });
-        cases.push(Case { name: "new_flow", services: n, ns_per_packet: new_ns, runs_ns: new_runs });
-        cases.push(Case { name: "non_service", services: n, ns_per_packet: ns, runs_ns: ns_runs });
     }
 
-    println!("{:<12} {:>9} {:>12}", "case", "services", "ns/packet");
+    println!("{:<14} {:>9} {:>12} {:>10} {:>10}", "case", "services", "ns/packet", "min", "max");
     for c in &cases {
-        println!("{:<12} {:>9} {:>12.1}", c.name, c.services, c.ns_per_packet);
+        let min = c.runs_ns.iter().cloned().fold(f64::MAX, f64::min);
+        let max = c.runs_ns.iter().cloned().fold(0.0, f64::max);
+        println!("{:<14} {:>9} {:>12.1} {:>10.1} {:>10.1}", c.name, c.services, c.ns_per_packet, min, max);
     }
     let growth = |name: &str| {
         let first = cases.iter().find(|c| c.name == name)?;

@@ -197,7 +197,7 @@ fn classify(lab: &Lab, target: SocketAddrV4, a: &Answer) -> (String, Option<Stri
                 a.client_seen
             ));
         }
-        format!("remote: SNAT to n0, XDP_TX to n{}", a.pod.node)
+        format!("remote: SNAT to n0, forwarded to n{}", a.pod.node)
     };
     (path, problem)
 }
