@@ -850,8 +850,7 @@ pub struct Explanation {
     /// The counter the packet would increment.
     #[serde(serialize_with = "serialize_reason")]
     pub reason: Reason,
-    /// "XDP_PASS", or "XDP_REDIRECT" (XDP_TX when `out_ifindex` is the interface the packet
-    /// came in on).
+    /// "XDP_PASS" or "XDP_REDIRECT" (also out of the interface the packet came in on).
     pub action: &'static str,
     pub out_ifindex: Option<u32>,
     pub backend: Option<ExplainedBackend>,

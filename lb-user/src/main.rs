@@ -427,7 +427,6 @@ fn explain_table(e: &Explanation, ifname: &dyn Fn(u32) -> Option<String>) -> Str
             Some(name) => verdict.push_str(&format!(" out {name} (ifindex {i})")),
             None => verdict.push_str(&format!(" out ifindex {i}")),
         }
-        verdict.push_str("; XDP_TX instead if that is the interface it arrived on");
     }
     out.push_str(&verdict);
     out.push('\n');

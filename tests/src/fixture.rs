@@ -3,7 +3,7 @@
 //! maps (the reconcile path has its own tests; these exercise the program).
 //!
 //! BPF_PROG_TEST_RUN runs the XDP program as if the packet arrived on `lo` (ifindex 1), so
-//! the "NIC" here is ifindex 1: replies and remote forwards leaving through it are XDP_TX.
+//! the "NIC" here is ifindex 1: replies and remote forwards are redirected to it.
 
 use std::net::Ipv4Addr;
 

@@ -182,22 +182,22 @@ fn rows() -> Vec<Row> {
             expect: None,
         },
         Row {
-            description: "remote backend: SNAT to the node address, DNAT, XDP_TX to node 1",
+            description: "remote backend: SNAT to the node address, DNAT, redirected out of the NIC to node 1",
             before: vec![],
             prog: Prog::Xdp,
             input: remote_request.build(),
-            expect_verdict: XDP_TX,
+            expect_verdict: XDP_REDIRECT,
             expect_reason: Reason::FwdRemote,
             expect: Some(
                 remote_request.clone().macs(NIC_MAC, NODE1_MAC).ip_src(NODE).ip_dst(POD_R).ttl(63).sport(snat_port).dport(8080).build(),
             ),
         },
         Row {
-            description: "reply to a SNATed flow: back to the client from the frontend, XDP_TX",
+            description: "reply to a SNATed flow: back to the client from the frontend, out of the NIC",
             before: vec![remote_request.build()],
             prog: Prog::Xdp,
             input: Packet::eth(NODE1_MAC, NIC_MAC).ipv4(POD_R, NODE).ttl(63).tcp(8080, snat_port).syn().ack().build(),
-            expect_verdict: XDP_TX,
+            expect_verdict: XDP_REDIRECT,
             expect_reason: Reason::RevNatRemote,
             expect: Some(Packet::eth(NIC_MAC, CLIENT_MAC).ipv4(NODE, CLIENT).ttl(62).tcp(30081, 40000).syn().ack().build()),
         },
@@ -563,7 +563,7 @@ fn mutated_packets_never_abort() {
             runs += 1;
             match prog {
                 Prog::Xdp => assert!(
-                    matches!(v, XDP_PASS | XDP_TX | XDP_REDIRECT),
+                    matches!(v, XDP_PASS | XDP_REDIRECT),
                     "verdict {v} (never ABORTED/DROP on bad input) for {pkt:02x?}"
                 ),
                 Prog::Tc => assert!(matches!(v, TC_ACT_OK | TC_ACT_REDIRECT), "tc verdict {v} for {pkt:02x?}"),

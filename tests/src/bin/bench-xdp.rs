@@ -225,7 +225,7 @@ fn round(sz: &mut Size, args: &Args) -> Result<Vec<(&'static str, f64)>> {
     };
     let before = stat(dp, Reason::FwdRemote)?;
     let (v, d) = dp.bench_xdp(&sz.chain_pkt, CHAIN_REPEAT)?;
-    ensure!(v == lb_tests::fixture::XDP_TX, "new_flow chain: verdict {v}");
+    ensure!(v == XDP_REDIRECT, "new_flow chain: verdict {v}");
     let fwd = stat(dp, Reason::FwdRemote)? - before;
     let flows = dp.conntrack()?.len();
     ensure!(
