@@ -22,11 +22,7 @@ pub const fn replace2(check: u16, old: u16, new: u16) -> u16 {
 /// Checksum after one 32-bit field changed from `old` to `new` (e.g. an IPv4 address).
 #[inline(always)]
 pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
-    let sum = (!check) as u32
-        + ((!old) & 0xffff)
-        + ((!old) >> 16)
-        + (new & 0xffff)
-        + (new >> 16);
+    let sum = (!check) as u32 + ((!old) & 0xffff) + ((!old) >> 16) + (new & 0xffff) + (new >> 16);
     !fold(sum)
 }
 
@@ -37,7 +33,11 @@ pub const fn udp_replace4(check: u16, old: u32, new: u32) -> u16 {
         return 0;
     }
     let c = replace4(check, old, new);
-    if c == 0 { 0xffff } else { c }
+    if c == 0 {
+        0xffff
+    } else {
+        c
+    }
 }
 
 /// UDP counterpart of [`replace2`].
@@ -47,7 +47,11 @@ pub const fn udp_replace2(check: u16, old: u16, new: u16) -> u16 {
         return 0;
     }
     let c = replace2(check, old, new);
-    if c == 0 { 0xffff } else { c }
+    if c == 0 {
+        0xffff
+    } else {
+        c
+    }
 }
 
 #[cfg(test)]
@@ -65,7 +69,9 @@ mod tests {
 
     #[test]
     fn replace4_matches_recompute() {
-        let mut words = [0x4500u16, 0x0054, 0x1c46, 0x4000, 0x4006, 0, 0xac10, 0x0a63, 0xac10, 0x0a0c];
+        let mut words = [
+            0x4500u16, 0x0054, 0x1c46, 0x4000, 0x4006, 0, 0xac10, 0x0a63, 0xac10, 0x0a0c,
+        ];
         let before = full(&words);
         let old = (words[8] as u32) | ((words[9] as u32) << 16);
         words[8] = 0x0a00;
@@ -79,7 +85,13 @@ mod tests {
         let mut x: u32 = 12345;
         for _ in 0..10_000 {
             x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-            let mut words = [(x >> 3) as u16, (x >> 7) as u16, 0xffff, 0, (x >> 16) as u16];
+            let mut words = [
+                (x >> 3) as u16,
+                (x >> 7) as u16,
+                0xffff,
+                0,
+                (x >> 16) as u16,
+            ];
             let before = full(&words);
             let old = words[1];
             words[1] = (x >> 11) as u16;

@@ -18,8 +18,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use lb_common::{
-    stats::NUM_REASONS, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, Frontend,
-    FrontendKey, Reason, RevNatEntry, DEFAULT_MAGLEV_SIZE, port_host, service_port_word,
+    port_host, service_port_word, stats::NUM_REASONS, AffinityEntry, AffinityKey, Backend, Config,
+    CtEntry, CtKey, Frontend, FrontendKey, Reason, RevNatEntry, DEFAULT_MAGLEV_SIZE,
 };
 use log::warn;
 
@@ -60,7 +60,9 @@ impl Default for DataplaneOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("loading the BPF object failed (are you root with CAP_BPF, and is the kernel >= 5.15?)")]
+    #[error(
+        "loading the BPF object failed (are you root with CAP_BPF, and is the kernel >= 5.15?)"
+    )]
     Load {
         #[source]
         source: EbpfError,
@@ -192,13 +194,13 @@ const PROG_TC: &str = "lb_reply";
 impl Dataplane {
     /// Loads the embedded object with maps sized by `opts`. Nothing is attached yet.
     pub fn load(opts: DataplaneOptions) -> Result<Self, DataplaneError> {
-        let ring_entries = opts
-            .maglev_size
-            .checked_mul(opts.max_services)
-            .ok_or(DataplaneError::TooLarge {
-                maglev_size: opts.maglev_size,
-                max_services: opts.max_services,
-            })?;
+        let ring_entries =
+            opts.maglev_size
+                .checked_mul(opts.max_services)
+                .ok_or(DataplaneError::TooLarge {
+                    maglev_size: opts.maglev_size,
+                    max_services: opts.max_services,
+                })?;
         let mut loader = EbpfLoader::new();
         let pin_paths: Vec<(&str, std::path::PathBuf)> = match &opts.pin_dir {
             Some(dir) => {
@@ -227,8 +229,11 @@ impl Dataplane {
 
         for name in [PROG_XDP, PROG_PASS] {
             let prog: &mut Xdp = program(&mut ebpf, name)?;
-            prog.load()
-                .map_err(|source| DataplaneError::Program { name, op: "load", source })?;
+            prog.load().map_err(|source| DataplaneError::Program {
+                name,
+                op: "load",
+                source,
+            })?;
         }
         {
             let prog: &mut SchedClassifier = program(&mut ebpf, PROG_TC)?;
@@ -260,7 +265,9 @@ impl Dataplane {
         // Pinned maps may already hold frontends (agent restart): rebuild the port bitmap.
         for (key, _) in dp.frontends()? {
             dp.frontend_keys.insert(key);
-            *dp.port_refs.entry((key.proto, port_host(key.port))).or_default() += 1;
+            *dp.port_refs
+                .entry((key.proto, port_host(key.port)))
+                .or_default() += 1;
         }
         let ports: Vec<_> = dp.port_refs.keys().copied().collect();
         for (proto, port) in ports {
@@ -299,7 +306,8 @@ impl Dataplane {
             self.set_port_bit(port.0, port.1, true)?;
         }
         let mut map: HashMap<_, FrontendKey, Frontend> = self.typed("FRONTENDS")?;
-        map.insert(key, fe, 0).map_err(map_err("FRONTENDS", "insert"))?;
+        map.insert(key, fe, 0)
+            .map_err(map_err("FRONTENDS", "insert"))?;
         if new {
             self.frontend_keys.insert(*key);
             *self.port_refs.entry(port).or_default() += 1;
@@ -335,7 +343,8 @@ impl Dataplane {
         let old = map.get(&word, 0).map_err(map_err("SERVICE_PORTS", "get"))?;
         let bit = 1u64 << (port % 64);
         let new = if on { old | bit } else { old & !bit };
-        map.set(word, new, 0).map_err(map_err("SERVICE_PORTS", "set"))
+        map.set(word, new, 0)
+            .map_err(map_err("SERVICE_PORTS", "set"))
     }
 
     pub fn frontends(&self) -> Result<Vec<(FrontendKey, Frontend)>, DataplaneError> {
@@ -360,7 +369,11 @@ impl Dataplane {
     }
 
     /// Writes ring positions of one service slot (only the changed ones, Katran style).
-    pub fn write_ring(&mut self, service_id: u32, changes: &[(u32, u32)]) -> Result<(), DataplaneError> {
+    pub fn write_ring(
+        &mut self,
+        service_id: u32,
+        changes: &[(u32, u32)],
+    ) -> Result<(), DataplaneError> {
         let ring = self.ring_mut(service_id)?;
         for &(pos, id) in changes {
             if let Some(slot) = ring.get_mut(pos as usize) {
@@ -372,7 +385,11 @@ impl Dataplane {
     }
 
     /// Writes a whole ring of one service slot.
-    pub fn write_full_ring(&mut self, service_id: u32, table: &[u32]) -> Result<(), DataplaneError> {
+    pub fn write_full_ring(
+        &mut self,
+        service_id: u32,
+        table: &[u32],
+    ) -> Result<(), DataplaneError> {
         if table.len() != self.opts.maglev_size as usize {
             return Err(DataplaneError::RingSize {
                 len: table.len(),
@@ -434,7 +451,8 @@ impl Dataplane {
     /// its own on a flow's first packet).
     pub fn set_conntrack(&mut self, key: &CtKey, entry: &CtEntry) -> Result<(), DataplaneError> {
         let mut map: HashMap<_, CtKey, CtEntry> = self.typed("CONNTRACK")?;
-        map.insert(key, entry, 0).map_err(map_err("CONNTRACK", "insert"))
+        map.insert(key, entry, 0)
+            .map_err(map_err("CONNTRACK", "insert"))
     }
 
     /// Forgets every flow: conntrack, reverse NAT and affinity entries (`conntrack flush`).
@@ -470,7 +488,8 @@ impl Dataplane {
 
     pub fn set_revnat(&mut self, key: &CtKey, entry: &RevNatEntry) -> Result<(), DataplaneError> {
         let mut map: HashMap<_, CtKey, RevNatEntry> = self.typed("REVNAT")?;
-        map.insert(key, entry, 0).map_err(map_err("REVNAT", "insert"))
+        map.insert(key, entry, 0)
+            .map_err(map_err("REVNAT", "insert"))
     }
 
     pub fn affinity(&self, key: &AffinityKey) -> Result<Option<AffinityEntry>, DataplaneError> {
@@ -482,20 +501,30 @@ impl Dataplane {
         }
     }
 
-    pub fn set_affinity(&mut self, key: &AffinityKey, entry: &AffinityEntry) -> Result<(), DataplaneError> {
+    pub fn set_affinity(
+        &mut self,
+        key: &AffinityKey,
+        entry: &AffinityEntry,
+    ) -> Result<(), DataplaneError> {
         let mut map: HashMap<_, AffinityKey, AffinityEntry> = self.typed("AFFINITY")?;
-        map.insert(key, entry, 0).map_err(map_err("AFFINITY", "insert"))
+        map.insert(key, entry, 0)
+            .map_err(map_err("AFFINITY", "insert"))
     }
 
     /// Attaches the XDP program to `iface` (of the current network namespace).
-    pub fn attach_xdp(&mut self, iface: &str, mode: XdpModeChoice) -> Result<AttachMode, DataplaneError> {
+    pub fn attach_xdp(
+        &mut self,
+        iface: &str,
+        mode: XdpModeChoice,
+    ) -> Result<AttachMode, DataplaneError> {
         let prog: &mut Xdp = program(&mut self.ebpf, PROG_XDP)?;
         let attach = |prog: &mut Xdp, mode| {
-            prog.attach(iface, mode).map_err(|source| DataplaneError::XdpAttachMode {
-                iface: iface.to_string(),
-                mode,
-                source,
-            })
+            prog.attach(iface, mode)
+                .map_err(|source| DataplaneError::XdpAttachMode {
+                    iface: iface.to_string(),
+                    mode,
+                    source,
+                })
         };
         match mode {
             XdpModeChoice::Native => attach(prog, XdpMode::Driver).map(|_| AttachMode::Native),
@@ -554,14 +583,22 @@ impl Dataplane {
 
     /// Runs the XDP program `repeat` times in the kernel on one packet; returns the kernel's
     /// average duration per run (the benchmark's unit).
-    pub fn bench_xdp(&mut self, packet: &[u8], repeat: u32) -> Result<(u32, Duration), DataplaneError> {
+    pub fn bench_xdp(
+        &mut self,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, Duration), DataplaneError> {
         let prog: &mut Xdp = program(&mut self.ebpf, PROG_XDP)?;
         bench(prog, PROG_XDP, packet, repeat)
     }
 
     /// Like [`Self::bench_xdp`] for `lb_pass` (XDP_PASS only): the cost of running any XDP
     /// program through BPF_PROG_TEST_RUN, the benchmark's floor.
-    pub fn bench_pass(&mut self, packet: &[u8], repeat: u32) -> Result<(u32, Duration), DataplaneError> {
+    pub fn bench_pass(
+        &mut self,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, Duration), DataplaneError> {
         let prog: &mut Xdp = program(&mut self.ebpf, PROG_PASS)?;
         bench(prog, PROG_PASS, packet, repeat)
     }
@@ -581,7 +618,10 @@ impl Dataplane {
     where
         T: TryFrom<&'a Map, Error = MapError>,
     {
-        let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap { name })?;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DataplaneError::MissingMap { name })?;
         T::try_from(map).map_err(map_err(name, "open"))
     }
 }
@@ -593,11 +633,18 @@ where
     let prog = ebpf
         .program_mut(name)
         .ok_or(DataplaneError::MissingProgram { name })?;
-    prog.try_into()
-        .map_err(|source| DataplaneError::Program { name, op: "open", source })
+    prog.try_into().map_err(|source| DataplaneError::Program {
+        name,
+        op: "open",
+        source,
+    })
 }
 
-fn test_run<P>(prog: &mut P, name: &'static str, packet: &[u8]) -> Result<(u32, Vec<u8>), DataplaneError>
+fn test_run<P>(
+    prog: &mut P,
+    name: &'static str,
+    packet: &[u8],
+) -> Result<(u32, Vec<u8>), DataplaneError>
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
 {
@@ -607,12 +654,21 @@ where
     opts.data_out = Some(&mut out);
     let res = prog
         .test_run(opts)
-        .map_err(|source| DataplaneError::Program { name, op: "test_run", source })?;
+        .map_err(|source| DataplaneError::Program {
+            name,
+            op: "test_run",
+            source,
+        })?;
     out.truncate(res.data_size_out as usize);
     Ok((res.return_value, out))
 }
 
-fn bench(prog: &mut Xdp, name: &'static str, packet: &[u8], repeat: u32) -> Result<(u32, Duration), DataplaneError> {
+fn bench(
+    prog: &mut Xdp,
+    name: &'static str,
+    packet: &[u8],
+    repeat: u32,
+) -> Result<(u32, Duration), DataplaneError> {
     let mut out = vec![0u8; packet.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(packet);
@@ -620,7 +676,11 @@ fn bench(prog: &mut Xdp, name: &'static str, packet: &[u8], repeat: u32) -> Resu
     opts.repeat = repeat;
     let res = prog
         .test_run(opts)
-        .map_err(|source| DataplaneError::Program { name, op: "test_run", source })?;
+        .map_err(|source| DataplaneError::Program {
+            name,
+            op: "test_run",
+            source,
+        })?;
     Ok((res.return_value, res.duration))
 }
 
@@ -653,7 +713,15 @@ fn ensure_bpffs(dir: &std::path::Path) -> Result<(), DataplaneError> {
     }
     let cstr = |s: &str| std::ffi::CString::new(s).expect("no NUL");
     let (src, target, fstype) = (cstr("bpf"), cstr(BPFFS_MOUNTPOINT), cstr("bpf"));
-    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
         return Err(DataplaneError::Bpffs {
             dir: dir.to_path_buf(),

@@ -3,9 +3,9 @@
 pub mod dataplane;
 pub mod inspect;
 pub mod maglev;
-pub mod object;
-pub mod netinfo;
 pub mod model;
+pub mod netinfo;
+pub mod object;
 pub mod reconcile;
 pub mod standalone;
 pub mod standalone_run;

@@ -77,7 +77,13 @@ pub fn addr(ip: Ipv4Addr) -> [u32; 4] {
     v4(ip.octets())
 }
 
-pub fn local_backend(ip: Ipv4Addr, port: u16, ifindex: u32, veth_mac: [u8; 6], pod_mac: [u8; 6]) -> Backend {
+pub fn local_backend(
+    ip: Ipv4Addr,
+    port: u16,
+    ifindex: u32,
+    veth_mac: [u8; 6],
+    pod_mac: [u8; 6],
+) -> Backend {
     Backend {
         addr: addr(ip),
         port: port_be(port),
@@ -127,7 +133,10 @@ pub fn install_service(
     dp.write_full_ring(service_id, &ring)?;
     let fe = Frontend {
         service_id,
-        backend_count: backends.iter().filter(|(_, b)| b.flags & BE_TERMINATING == 0).count() as u32,
+        backend_count: backends
+            .iter()
+            .filter(|(_, b)| b.flags & BE_TERMINATING == 0)
+            .count() as u32,
         flags,
         affinity_timeout_s,
     };
@@ -188,12 +197,60 @@ pub fn world() -> Dataplane {
 
     let tcp = PROTO_TCP;
     let udp = PROTO_UDP;
-    install_service(&mut dp, SVC_NODEPORT_TCP, &[frontend_key(None, 30080, tcp)], &[(BE_A_8080, a8080)], 0, 0).unwrap();
-    install_service(&mut dp, SVC_NODEPORT_UDP, &[frontend_key(None, 30080, udp)], &[(BE_B_5353, b5353)], 0, 0).unwrap();
-    install_service(&mut dp, SVC_LB, &[frontend_key(Some(LB_IP), 80, tcp)], &[(BE_A_8080, a8080)], 0, 0).unwrap();
-    install_service(&mut dp, SVC_EXTERNAL_IP, &[frontend_key(Some(EXT_IP), 443, tcp)], &[(BE_B_8443, b8443)], 0, 0).unwrap();
-    install_service(&mut dp, SVC_REMOTE, &[frontend_key(None, 30081, tcp)], &[(BE_R_8080, r8080)], 0, 0).unwrap();
-    install_service(&mut dp, SVC_EMPTY, &[frontend_key(None, 30082, tcp)], &[], 0, 0).unwrap();
+    install_service(
+        &mut dp,
+        SVC_NODEPORT_TCP,
+        &[frontend_key(None, 30080, tcp)],
+        &[(BE_A_8080, a8080)],
+        0,
+        0,
+    )
+    .unwrap();
+    install_service(
+        &mut dp,
+        SVC_NODEPORT_UDP,
+        &[frontend_key(None, 30080, udp)],
+        &[(BE_B_5353, b5353)],
+        0,
+        0,
+    )
+    .unwrap();
+    install_service(
+        &mut dp,
+        SVC_LB,
+        &[frontend_key(Some(LB_IP), 80, tcp)],
+        &[(BE_A_8080, a8080)],
+        0,
+        0,
+    )
+    .unwrap();
+    install_service(
+        &mut dp,
+        SVC_EXTERNAL_IP,
+        &[frontend_key(Some(EXT_IP), 443, tcp)],
+        &[(BE_B_8443, b8443)],
+        0,
+        0,
+    )
+    .unwrap();
+    install_service(
+        &mut dp,
+        SVC_REMOTE,
+        &[frontend_key(None, 30081, tcp)],
+        &[(BE_R_8080, r8080)],
+        0,
+        0,
+    )
+    .unwrap();
+    install_service(
+        &mut dp,
+        SVC_EMPTY,
+        &[frontend_key(None, 30082, tcp)],
+        &[],
+        0,
+        0,
+    )
+    .unwrap();
     install_service(
         &mut dp,
         SVC_MULTI,

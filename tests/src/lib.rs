@@ -1,8 +1,8 @@
 //! Shared test support: packet builder, independent checksums, namespace guards.
 
-pub mod inet_csum;
-pub mod packet;
 pub mod fixture;
+pub mod inet_csum;
 pub mod netns;
-pub mod topology;
+pub mod packet;
 pub mod scenario;
+pub mod topology;

@@ -22,7 +22,10 @@ fn small() -> DataplaneOptions {
 fn native_then_generic_fallback_then_clear_error() {
     let ns = NetNs::create(&format!("{}-attach", unique_prefix())).unwrap();
     let n = ns.name().to_string();
-    ip(&["-n", &n, "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b"]).unwrap();
+    ip(&[
+        "-n", &n, "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
+    ])
+    .unwrap();
     ip(&["-n", &n, "link", "add", "br-x", "type", "bridge"]).unwrap();
     for dev in ["veth-a", "veth-b", "br-x"] {
         ip(&["-n", &n, "link", "set", dev, "up"]).unwrap();
@@ -30,7 +33,10 @@ fn native_then_generic_fallback_then_clear_error() {
     in_netns(&n, || {
         // veth has native XDP.
         let mut dp = Dataplane::load(small()).unwrap();
-        assert_eq!(dp.attach_xdp("veth-a", XdpModeChoice::Auto).unwrap(), AttachMode::Native);
+        assert_eq!(
+            dp.attach_xdp("veth-a", XdpModeChoice::Auto).unwrap(),
+            AttachMode::Native
+        );
         assert_eq!(dp.generic_fallbacks, 0);
 
         // a bridge has no native XDP: auto falls back to generic and counts it.
@@ -38,7 +44,10 @@ fn native_then_generic_fallback_then_clear_error() {
         let err = dp2.attach_xdp("br-x", XdpModeChoice::Native).unwrap_err();
         assert!(matches!(err, DataplaneError::XdpAttachMode { .. }), "{err}");
         assert!(err.to_string().contains("br-x"), "{err}");
-        assert_eq!(dp2.attach_xdp("br-x", XdpModeChoice::Auto).unwrap(), AttachMode::Generic);
+        assert_eq!(
+            dp2.attach_xdp("br-x", XdpModeChoice::Auto).unwrap(),
+            AttachMode::Generic
+        );
         assert_eq!(dp2.generic_fallbacks, 1);
 
         // Neither mode works on an interface that does not exist: one error naming both.
@@ -46,7 +55,10 @@ fn native_then_generic_fallback_then_clear_error() {
         let err = dp3.attach_xdp("nosuch0", XdpModeChoice::Auto).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, DataplaneError::XdpAttach { .. }), "{msg}");
-        assert!(msg.contains("nosuch0") && msg.contains("native") && msg.contains("generic"), "{msg}");
+        assert!(
+            msg.contains("nosuch0") && msg.contains("native") && msg.contains("generic"),
+            "{msg}"
+        );
 
         // The TC reply program attaches to a pod-side veth.
         dp.attach_tc_reply("veth-b").unwrap();
@@ -54,15 +66,31 @@ fn native_then_generic_fallback_then_clear_error() {
     .unwrap();
     let links = ip(&["-n", &n, "-j", "link", "show", "veth-a"]).unwrap();
     // All Dataplanes dropped: their attachments are gone with them.
-    assert!(!links.contains("\"xdp\""), "XDP still attached after drop: {links}");
+    assert!(
+        !links.contains("\"xdp\""),
+        "XDP still attached after drop: {links}"
+    );
 }
 
 #[test]
 fn pinned_maps_survive_a_restart() {
     let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/lbx/{}-pins", unique_prefix()));
-    let opts = DataplaneOptions { pin_dir: Some(dir.clone()), ..small() };
-    let key = FrontendKey { addr: [0; 4], port: port_be(30080), proto: PROTO_TCP, _pad: 0 };
-    let fe = Frontend { service_id: 1, backend_count: 2, flags: 0, affinity_timeout_s: 0 };
+    let opts = DataplaneOptions {
+        pin_dir: Some(dir.clone()),
+        ..small()
+    };
+    let key = FrontendKey {
+        addr: [0; 4],
+        port: port_be(30080),
+        proto: PROTO_TCP,
+        _pad: 0,
+    };
+    let fe = Frontend {
+        service_id: 1,
+        backend_count: 2,
+        flags: 0,
+        affinity_timeout_s: 0,
+    };
     {
         let mut dp = Dataplane::load(opts.clone()).unwrap();
         dp.set_frontend(&key, &fe).unwrap();
@@ -73,7 +101,11 @@ fn pinned_maps_survive_a_restart() {
         let fes = dp.frontends().unwrap();
         assert_eq!(fes, vec![(key, fe)], "frontend lost across restart");
         let ring = dp.ring(1).unwrap();
-        assert_eq!((ring[0], ring[7], ring[1]), (5, 6, 0), "ring lost across restart");
+        assert_eq!(
+            (ring[0], ring[7], ring[1]),
+            (5, 6, 0),
+            "ring lost across restart"
+        );
     });
     std::fs::remove_dir_all(&dir).unwrap();
     result.unwrap();

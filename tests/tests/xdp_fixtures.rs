@@ -67,7 +67,13 @@ fn total(dp: &Dataplane) -> u64 {
 
 /// The SNAT port the program must pick for a flow (first probe, as the table is empty).
 fn expected_snat_port(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> u16 {
-    let h = flow_hash(&addr(src), &addr(dst), port_be(sport), port_be(dport), proto);
+    let h = flow_hash(
+        &addr(src),
+        &addr(dst),
+        port_be(sport),
+        port_be(dport),
+        proto,
+    );
     SNAT_PORT_MIN + (h % (SNAT_PORT_MAX - SNAT_PORT_MIN + 1) as u32) as u16
 }
 
@@ -75,7 +81,10 @@ fn rows() -> Vec<Row> {
     let snat_port = expected_snat_port(CLIENT, 40000, NODE, 30081, PROTO_TCP);
     let remote_request = tcp_syn(NODE, 30081);
     let local_request = tcp_syn(NODE, 30080).payload(b"GET / HTTP/1.1\r\n\r\n");
-    let udp_request = client().ipv4(CLIENT, NODE).udp(40001, 30080).payload(b"ping");
+    let udp_request = client()
+        .ipv4(CLIENT, NODE)
+        .udp(40001, 30080)
+        .payload(b"ping");
     let base = tcp_syn(NODE, 30080);
     vec![
         Row {
@@ -359,11 +368,22 @@ fn fixture_table() {
         let (verdict, out) = run(&mut dp, row.prog, &row.input);
         let mut problems = Vec::new();
         if verdict != row.expect_verdict {
-            problems.push(format!("verdict {verdict}, expected {}", row.expect_verdict));
+            problems.push(format!(
+                "verdict {verdict}, expected {}",
+                row.expect_verdict
+            ));
         }
         if stat(&dp, row.expect_reason) != before + 1 {
-            let counters: Vec<_> = dp.stats().unwrap().into_iter().filter(|(_, n)| *n > 0).collect();
-            problems.push(format!("counter {} did not count the packet; counters: {counters:?}", row.expect_reason.name()));
+            let counters: Vec<_> = dp
+                .stats()
+                .unwrap()
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            problems.push(format!(
+                "counter {} did not count the packet; counters: {counters:?}",
+                row.expect_reason.name()
+            ));
         }
         let expect = row.expect.clone().unwrap_or_else(|| row.input.clone());
         if out != expect {
@@ -375,10 +395,19 @@ fn fixture_table() {
             }
         }
         if !problems.is_empty() {
-            failures.push(format!("[{}]\n  {}", row.description, problems.join("\n  ")));
+            failures.push(format!(
+                "[{}]\n  {}",
+                row.description,
+                problems.join("\n  ")
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} fixture rows failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} fixture rows failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// Frames shorter than an Ethernet header cannot reach the program: BPF_PROG_TEST_RUN refuses
@@ -390,7 +419,10 @@ fn frames_below_ethernet_header_are_refused_by_the_kernel() {
     let mut dp = world();
     for len in [0, 1, 13] {
         let frame = vec![0u8; len];
-        assert!(dp.test_run_xdp(&frame).is_err(), "{len}-byte frame was accepted by test_run");
+        assert!(
+            dp.test_run_xdp(&frame).is_err(),
+            "{len}-byte frame was accepted by test_run"
+        );
     }
     assert_eq!(total(&dp), 0);
 }
@@ -403,11 +435,23 @@ fn every_packet_counts_exactly_one_reason() {
     let mut sent = 0;
     for row in &rows {
         for pkt in row.before.iter().chain(std::iter::once(&row.input)) {
-            let _ = run(&mut dp, if std::ptr::eq(pkt, &row.input) { row.prog } else { Prog::Xdp }, pkt);
+            let _ = run(
+                &mut dp,
+                if std::ptr::eq(pkt, &row.input) {
+                    row.prog
+                } else {
+                    Prog::Xdp
+                },
+                pkt,
+            );
             sent += 1;
         }
     }
-    assert_eq!(total(&dp), sent, "sum of all reason counters must equal the packets run");
+    assert_eq!(
+        total(&dp),
+        sent,
+        "sum of all reason counters must equal the packets run"
+    );
 }
 
 /// An established flow keeps its backend when the backend set changes; a new flow follows
@@ -431,15 +475,29 @@ fn established_flow_survives_backend_set_change() {
     let ring = ring_for(&remaining, FIXTURE_MAGLEV_SIZE);
     dp.write_full_ring(SVC_MULTI, &ring).unwrap();
 
-    let ack = client().ipv4(CLIENT, NODE).tcp(41000, 30090).ack().payload(b"more");
+    let ack = client()
+        .ipv4(CLIENT, NODE)
+        .tcp(41000, 30090)
+        .ack()
+        .payload(b"more");
     let (v, out) = dp.test_run_xdp(&ack.build()).unwrap();
     assert_eq!(v, XDP_REDIRECT);
-    assert_eq!(lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst, first, "established flow moved");
+    assert_eq!(
+        lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst,
+        first,
+        "established flow moved"
+    );
 
     // New flows never land on the removed backend.
     for sport in 42000..42200 {
-        let (_, out) = dp.test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(sport, 30090).syn().build()).unwrap();
-        assert_ne!(lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst, first, "new flow {sport} used the removed backend");
+        let (_, out) = dp
+            .test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(sport, 30090).syn().build())
+            .unwrap();
+        assert_ne!(
+            lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst,
+            first,
+            "new flow {sport} used the removed backend"
+        );
     }
 }
 
@@ -453,12 +511,22 @@ fn flow_of_deleted_backend_is_reselected() {
     let first = lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst;
     let ids = [(BE_A_9090, POD_A), (BE_B_9090, POD_B), (BE_R_9090, POD_R)];
     let (gone, _) = *ids.iter().find(|(_, ip)| *ip == first).unwrap();
-    let remaining: Vec<_> = ids.iter().filter(|(id, _)| *id != gone).map(|(id, _)| (*id, dp.backend(*id).unwrap())).collect();
-    dp.write_full_ring(SVC_MULTI, &ring_for(&remaining, FIXTURE_MAGLEV_SIZE)).unwrap();
+    let remaining: Vec<_> = ids
+        .iter()
+        .filter(|(id, _)| *id != gone)
+        .map(|(id, _)| (*id, dp.backend(*id).unwrap()))
+        .collect();
+    dp.write_full_ring(SVC_MULTI, &ring_for(&remaining, FIXTURE_MAGLEV_SIZE))
+        .unwrap();
     dp.clear_backend(gone).unwrap();
-    let (v, out) = dp.test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(41001, 30090).ack().build()).unwrap();
+    let (v, out) = dp
+        .test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(41001, 30090).ack().build())
+        .unwrap();
     assert_eq!(v, XDP_REDIRECT);
-    assert_ne!(lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst, first);
+    assert_ne!(
+        lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst,
+        first
+    );
 }
 
 /// Terminating backends keep established flows but take no new ones, and a new SYN on an
@@ -467,10 +535,15 @@ fn flow_of_deleted_backend_is_reselected() {
 fn terminating_backend_keeps_flows_gets_no_new_ones() {
     require_root();
     let mut dp = world();
-    let (_, out) = dp.test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(41002, 30090).syn().build()).unwrap();
+    let (_, out) = dp
+        .test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(41002, 30090).syn().build())
+        .unwrap();
     let first = lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst;
     let ids = [(BE_A_9090, POD_A), (BE_B_9090, POD_B), (BE_R_9090, POD_R)];
-    let mut all: Vec<_> = ids.iter().map(|(id, _)| (*id, dp.backend(*id).unwrap())).collect();
+    let mut all: Vec<_> = ids
+        .iter()
+        .map(|(id, _)| (*id, dp.backend(*id).unwrap()))
+        .collect();
     let term = ids.iter().find(|(_, ip)| *ip == first).unwrap().0;
     for (id, be) in all.iter_mut() {
         if *id == term {
@@ -478,15 +551,33 @@ fn terminating_backend_keeps_flows_gets_no_new_ones() {
             dp.set_backend(*id, be).unwrap();
         }
     }
-    dp.write_full_ring(SVC_MULTI, &ring_for(&all, FIXTURE_MAGLEV_SIZE)).unwrap();
+    dp.write_full_ring(SVC_MULTI, &ring_for(&all, FIXTURE_MAGLEV_SIZE))
+        .unwrap();
 
-    let (_, out) = dp.test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(41002, 30090).ack().build()).unwrap();
-    assert_eq!(lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst, first, "established flow left a terminating backend");
-    let (_, out) = dp.test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(41002, 30090).syn().build()).unwrap();
-    assert_ne!(lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst, first, "a new SYN picked the terminating backend");
+    let (_, out) = dp
+        .test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(41002, 30090).ack().build())
+        .unwrap();
+    assert_eq!(
+        lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst,
+        first,
+        "established flow left a terminating backend"
+    );
+    let (_, out) = dp
+        .test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(41002, 30090).syn().build())
+        .unwrap();
+    assert_ne!(
+        lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst,
+        first,
+        "a new SYN picked the terminating backend"
+    );
     for sport in 43000..43200 {
-        let (_, out) = dp.test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(sport, 30090).syn().build()).unwrap();
-        assert_ne!(lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst, first);
+        let (_, out) = dp
+            .test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(sport, 30090).syn().build())
+            .unwrap();
+        assert_ne!(
+            lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst,
+            first
+        );
     }
 }
 
@@ -497,24 +588,48 @@ fn session_affinity_with_timeout() {
     require_root();
     let mut dp = world();
     let dst = |dp: &mut Dataplane, sport: u16| {
-        let (v, out) = dp.test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(sport, 30091).syn().build()).unwrap();
+        let (v, out) = dp
+            .test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(sport, 30091).syn().build())
+            .unwrap();
         assert_eq!(v, XDP_REDIRECT);
         lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst
     };
     let first = dst(&mut dp, 50000);
     for sport in 50001..50050 {
-        assert_eq!(dst(&mut dp, sport), first, "flow {sport} of the same client left its affinity backend");
+        assert_eq!(
+            dst(&mut dp, sport),
+            first,
+            "flow {sport} of the same client left its affinity backend"
+        );
     }
-    let key = AffinityKey { client: addr(CLIENT), service_id: SVC_AFFINITY };
+    let key = AffinityKey {
+        client: addr(CLIENT),
+        service_id: SVC_AFFINITY,
+    };
     let entry = dp.affinity(&key).unwrap().expect("affinity entry written");
     let other_id = if first == POD_A { BE_B_8080 } else { BE_A_8080 };
     let other_ip = if first == POD_A { POD_B } else { POD_A };
     // A fresh entry pointing elsewhere wins over the ring.
-    dp.set_affinity(&key, &AffinityEntry { backend_id: other_id, ..entry }).unwrap();
+    dp.set_affinity(
+        &key,
+        &AffinityEntry {
+            backend_id: other_id,
+            ..entry
+        },
+    )
+    .unwrap();
     assert_eq!(dst(&mut dp, 50100), other_ip);
     // An expired one (older than the 60 s timeout) is ignored: back to the ring's choice.
     let now = entry.last_used_ns;
-    dp.set_affinity(&key, &AffinityEntry { backend_id: other_id, _pad: 0, last_used_ns: now - 61_000_000_000 }).unwrap();
+    dp.set_affinity(
+        &key,
+        &AffinityEntry {
+            backend_id: other_id,
+            _pad: 0,
+            last_used_ns: now - 61_000_000_000,
+        },
+    )
+    .unwrap();
     assert_eq!(dst(&mut dp, 50101), first);
 }
 
@@ -526,7 +641,11 @@ fn mutated_packets_never_abort() {
     let mut dp = world();
     let seeds = [
         tcp_syn(NODE, 30080).build(),
-        client().ipv4(CLIENT, NODE).udp(1, 30080).payload(b"x").build(),
+        client()
+            .ipv4(CLIENT, NODE)
+            .udp(1, 30080)
+            .payload(b"x")
+            .build(),
         tcp_syn(NODE, 30081).vlan(3).build(),
     ];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -558,7 +677,12 @@ fn mutated_packets_never_abort() {
             // an skb never reaches TC from a local pod); that refusal is the only one allowed.
             let (v, _) = match res {
                 Err(_) if matches!(prog, Prog::Tc) && pkt.len() < 14 + 20 => continue,
-                r => r.unwrap_or_else(|e| panic!("{prog:?} test_run refused {} bytes {pkt:02x?}: {e}", pkt.len())),
+                r => r.unwrap_or_else(|e| {
+                    panic!(
+                        "{prog:?} test_run refused {} bytes {pkt:02x?}: {e}",
+                        pkt.len()
+                    )
+                }),
             };
             runs += 1;
             match prog {
@@ -566,7 +690,10 @@ fn mutated_packets_never_abort() {
                     matches!(v, XDP_PASS | XDP_REDIRECT),
                     "verdict {v} (never ABORTED/DROP on bad input) for {pkt:02x?}"
                 ),
-                Prog::Tc => assert!(matches!(v, TC_ACT_OK | TC_ACT_REDIRECT), "tc verdict {v} for {pkt:02x?}"),
+                Prog::Tc => assert!(
+                    matches!(v, TC_ACT_OK | TC_ACT_REDIRECT),
+                    "tc verdict {v} for {pkt:02x?}"
+                ),
             }
         }
     }
@@ -585,7 +712,8 @@ fn service_port_bitmap_follows_frontends() {
     let lb_30080 = frontend_key(Some(LB_IP), 30080, PROTO_TCP);
     let fe = lb_user_frontend(&dp, frontend_key(None, 30080, PROTO_TCP));
     dp.set_frontend(&lb_30080, &fe).unwrap();
-    dp.remove_frontend(&frontend_key(None, 30080, PROTO_TCP)).unwrap();
+    dp.remove_frontend(&frontend_key(None, 30080, PROTO_TCP))
+        .unwrap();
     // The NodePort is gone, the LB frontend on the same port still works.
     assert_eq!(dp.test_run_xdp(&syn(NODE, 30080)).unwrap().0, XDP_PASS);
     assert_eq!(dp.test_run_xdp(&syn(LB_IP, 30080)).unwrap().0, XDP_REDIRECT);
@@ -599,5 +727,10 @@ fn service_port_bitmap_follows_frontends() {
 }
 
 fn lb_user_frontend(dp: &Dataplane, key: lb_common::FrontendKey) -> lb_common::Frontend {
-    dp.frontends().unwrap().into_iter().find(|(k, _)| *k == key).map(|(_, v)| v).expect("frontend")
+    dp.frontends()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+        .expect("frontend")
 }

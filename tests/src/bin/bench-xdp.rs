@@ -20,9 +20,7 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
-use lb_common::{
-    port_be, CtEntry, CtKey, Frontend, Reason, DEFAULT_MAGLEV_SIZE, PROTO_TCP,
-};
+use lb_common::{port_be, CtEntry, CtKey, Frontend, Reason, DEFAULT_MAGLEV_SIZE, PROTO_TCP};
 use lb_tests::{
     fixture::{addr, frontend_key, local_backend, node_config, ring_for, XDP_PASS, XDP_REDIRECT},
     packet::Packet,
@@ -112,15 +110,31 @@ fn setup(n: u32, b: u32, ct_entries: u32) -> Result<Dataplane> {
             dp.set_backend(*id, be)?;
         }
         dp.write_full_ring(s, &ring_for(&backends, DEFAULT_MAGLEV_SIZE))?;
-        let fe = Frontend { service_id: s, backend_count: b, flags: 0, affinity_timeout_s: 0 };
-        dp.set_frontend(&frontend_key(None, NODEPORT_BASE + s as u16, PROTO_TCP), &fe)?;
+        let fe = Frontend {
+            service_id: s,
+            backend_count: b,
+            flags: 0,
+            affinity_timeout_s: 0,
+        };
+        dp.set_frontend(
+            &frontend_key(None, NODEPORT_BASE + s as u16, PROTO_TCP),
+            &fe,
+        )?;
     }
-    eprintln!("  {n} services x {b} backends programmed in {:.2?}", started.elapsed());
+    eprintln!(
+        "  {n} services x {b} backends programmed in {:.2?}",
+        started.elapsed()
+    );
     Ok(dp)
 }
 
 fn stat(dp: &Dataplane, reason: Reason) -> Result<u64> {
-    Ok(dp.stats()?.into_iter().find(|(r, _)| *r == reason).map(|(_, n)| n).unwrap_or(0))
+    Ok(dp
+        .stats()?
+        .into_iter()
+        .find(|(r, _)| *r == reason)
+        .map(|(_, n)| n)
+        .unwrap_or(0))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -130,12 +144,22 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// One test run of `repeat` copies of an unchanging packet; the counters must show every
 /// repeat took the path named by `reason`. Returns ns per packet.
-fn one_run(dp: &mut Dataplane, pkt: &[u8], repeat: u32, expect: u32, reason: Reason) -> Result<f64> {
+fn one_run(
+    dp: &mut Dataplane,
+    pkt: &[u8],
+    repeat: u32,
+    expect: u32,
+    reason: Reason,
+) -> Result<f64> {
     let before = stat(dp, reason)?;
     let (v, d) = dp.bench_xdp(pkt, repeat)?;
     ensure!(v == expect, "verdict {v}, expected {expect}");
     let counted = stat(dp, reason)? - before;
-    ensure!(counted == repeat as u64, "{} counted {counted} of {repeat} repeats: the path changed", reason.name());
+    ensure!(
+        counted == repeat as u64,
+        "{} counted {counted} of {repeat} repeats: the path changed",
+        reason.name()
+    );
     Ok(d.as_nanos() as f64)
 }
 
@@ -157,14 +181,26 @@ fn prepare(n: u32, args: &Args) -> Result<Size> {
     let target = n / 2;
 
     // non_service: to the node, a port no service uses.
-    let non_service = Packet::eth(CLIENT_MAC, NIC_MAC).ipv4(CLIENT, NODE).tcp(40000, 9999).ack().build();
+    let non_service = Packet::eth(CLIENT_MAC, NIC_MAC)
+        .ipv4(CLIENT, NODE)
+        .tcp(40000, 9999)
+        .ack()
+        .build();
     // floor: the shortest path through the program (an ARP frame: Ethernet parse and a
     // counter); empty_program runs lb_pass (returns XDP_PASS, touches nothing) on it.
-    let arp = Packet::eth(CLIENT_MAC, NIC_MAC).ethertype(0x0806).payload(&[0u8; 28]).build();
+    let arp = Packet::eth(CLIENT_MAC, NIC_MAC)
+        .ethertype(0x0806)
+        .payload(&[0u8; 28])
+        .build();
 
     // ct_hit fixed point on backend 0 of the target service.
     let be_ip = pod_ip(target, 0);
-    let fe = Frontend { service_id: target, backend_count: args.backends, flags: 0, affinity_timeout_s: 0 };
+    let fe = Frontend {
+        service_id: target,
+        backend_count: args.backends,
+        flags: 0,
+        affinity_timeout_s: 0,
+    };
     dp.set_frontend(&frontend_key(Some(be_ip), 8080, PROTO_TCP), &fe)?;
     let key = CtKey {
         saddr: addr(CLIENT),
@@ -176,8 +212,20 @@ fn prepare(n: u32, args: &Args) -> Result<Size> {
         _pad1: 0,
     };
     let be_id = 1 + target * args.backends;
-    dp.set_conntrack(&key, &CtEntry { backend_id: be_id, service_id: target, ..Default::default() })?;
-    let ct_pkt = Packet::eth(POD_MAC, VETH_MAC).ipv4(CLIENT, be_ip).tcp(40000, 8080).ack().payload(&[0u8; 64]).build();
+    dp.set_conntrack(
+        &key,
+        &CtEntry {
+            backend_id: be_id,
+            service_id: target,
+            ..Default::default()
+        },
+    )?;
+    let ct_pkt = Packet::eth(POD_MAC, VETH_MAC)
+        .ipv4(CLIENT, be_ip)
+        .tcp(40000, 8080)
+        .ack()
+        .payload(&[0u8; 64])
+        .build();
 
     // new_flow: a chain of new flows inside one test run. The bench service (slot n) has one
     // remote backend Q:8080 and an exact frontend on Q:8080 itself. A packet to Q:8080 is
@@ -196,10 +244,26 @@ fn prepare(n: u32, args: &Args) -> Result<Size> {
     let q_id = n * args.backends + 1;
     dp.set_backend(q_id, &lb_tests::fixture::remote_backend(q, 8080))?;
     dp.write_full_ring(chain, &vec![q_id; DEFAULT_MAGLEV_SIZE as usize])?;
-    let chain_fe = Frontend { service_id: chain, backend_count: 1, flags: 0, affinity_timeout_s: 0 };
+    let chain_fe = Frontend {
+        service_id: chain,
+        backend_count: 1,
+        flags: 0,
+        affinity_timeout_s: 0,
+    };
     dp.set_frontend(&frontend_key(Some(q), 8080, PROTO_TCP), &chain_fe)?;
-    let chain_pkt = Packet::eth(CLIENT_MAC, NIC_MAC).ipv4(CLIENT, q).tcp(40000, 8080).syn().build();
-    Ok(Size { n, dp, non_service, arp, ct_pkt, chain_pkt })
+    let chain_pkt = Packet::eth(CLIENT_MAC, NIC_MAC)
+        .ipv4(CLIENT, q)
+        .tcp(40000, 8080)
+        .syn()
+        .build();
+    Ok(Size {
+        n,
+        dp,
+        non_service,
+        arp,
+        ct_pkt,
+        chain_pkt,
+    })
 }
 
 /// One run of every case on one size: (case, ns per packet).
@@ -209,9 +273,18 @@ fn round(sz: &mut Size, args: &Args) -> Result<Vec<(&'static str, f64)>> {
     let mut out = Vec::new();
     let (_, d) = dp.bench_pass(&sz.arp, r)?;
     out.push(("empty_program", d.as_nanos() as f64));
-    out.push(("floor", one_run(dp, &sz.arp, r, XDP_PASS, Reason::PassNotIpv4)?));
-    out.push(("non_service", one_run(dp, &sz.non_service, r, XDP_PASS, Reason::PassNonService)?));
-    out.push(("ct_hit", one_run(dp, &sz.ct_pkt, r, XDP_REDIRECT, Reason::FwdLocal)?));
+    out.push((
+        "floor",
+        one_run(dp, &sz.arp, r, XDP_PASS, Reason::PassNotIpv4)?,
+    ));
+    out.push((
+        "non_service",
+        one_run(dp, &sz.non_service, r, XDP_PASS, Reason::PassNonService)?,
+    ));
+    out.push((
+        "ct_hit",
+        one_run(dp, &sz.ct_pkt, r, XDP_REDIRECT, Reason::FwdLocal)?,
+    ));
 
     dp.flush_flows()?;
     let ct_key = CtKey {
@@ -236,7 +309,14 @@ fn round(sz: &mut Size, args: &Args) -> Result<Vec<(&'static str, f64)>> {
     // Restore the ct_hit fixed point's entry for the next round.
     dp.flush_flows()?;
     let be_id = 1 + (sz.n / 2) * args.backends;
-    dp.set_conntrack(&ct_key, &CtEntry { backend_id: be_id, service_id: sz.n / 2, ..Default::default() })?;
+    dp.set_conntrack(
+        &ct_key,
+        &CtEntry {
+            backend_id: be_id,
+            service_id: sz.n / 2,
+            ..Default::default()
+        },
+    )?;
     Ok(out)
 }
 
@@ -247,7 +327,11 @@ fn main() -> Result<()> {
     }
     // All sizes stay loaded and are measured in alternation, so drift on a shared machine
     // (other load, frequency) hits every size alike and the ratios stay fair.
-    let mut sizes = args.services.iter().map(|&n| prepare(n, &args)).collect::<Result<Vec<_>>>()?;
+    let mut sizes = args
+        .services
+        .iter()
+        .map(|&n| prepare(n, &args))
+        .collect::<Result<Vec<_>>>()?;
     let mut samples: std::collections::BTreeMap<(u32, &'static str), Vec<f64>> = Default::default();
     for r in 0..args.runs {
         for sz in sizes.iter_mut() {
@@ -258,18 +342,35 @@ fn main() -> Result<()> {
         eprintln!("  round {}/{} done", r + 1, args.runs);
     }
     let mut cases = Vec::new();
-    for name in ["empty_program", "floor", "non_service", "ct_hit", "new_flow"] {
+    for name in [
+        "empty_program",
+        "floor",
+        "non_service",
+        "ct_hit",
+        "new_flow",
+    ] {
         for sz in &sizes {
             let runs = samples[&(sz.n, name)].clone();
-            cases.push(Case { name, services: sz.n, ns_per_packet: median(&mut runs.clone()), runs_ns: runs });
+            cases.push(Case {
+                name,
+                services: sz.n,
+                ns_per_packet: median(&mut runs.clone()),
+                runs_ns: runs,
+            });
         }
     }
 
-    println!("{:<14} {:>9} {:>12} {:>10} {:>10}", "case", "services", "ns/packet", "min", "max");
+    println!(
+        "{:<14} {:>9} {:>12} {:>10} {:>10}",
+        "case", "services", "ns/packet", "min", "max"
+    );
     for c in &cases {
         let min = c.runs_ns.iter().cloned().fold(f64::MAX, f64::min);
         let max = c.runs_ns.iter().cloned().fold(0.0, f64::max);
-        println!("{:<14} {:>9} {:>12.1} {:>10.1} {:>10.1}", c.name, c.services, c.ns_per_packet, min, max);
+        println!(
+            "{:<14} {:>9} {:>12.1} {:>10.1} {:>10.1}",
+            c.name, c.services, c.ns_per_packet, min, max
+        );
     }
     let growth = |name: &str| {
         let first = cases.iter().find(|c| c.name == name)?;
@@ -278,7 +379,11 @@ fn main() -> Result<()> {
     };
     for name in ["ct_hit", "new_flow", "non_service"] {
         if let Some(g) = growth(name) {
-            println!("{name}: {g:+.1}% from {} to {} services", args.services[0], args.services[args.services.len() - 1]);
+            println!(
+                "{name}: {g:+.1}% from {} to {} services",
+                args.services[0],
+                args.services[args.services.len() - 1]
+            );
         }
     }
     if let Some(path) = &args.json {
@@ -288,9 +393,13 @@ fn main() -> Result<()> {
             maglev_size: DEFAULT_MAGLEV_SIZE,
             backends_per_service: args.backends,
             repeat: args.repeat,
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
         };
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
