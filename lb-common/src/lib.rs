@@ -139,7 +139,9 @@ pub struct Config {
     pub flags: u32,
     /// A SNAT port whose flow saw no reply for this long may be reused.
     pub snat_idle_s: u32,
-    pub _pad: u32,
+    /// How long a TCP flow that saw FIN or RST keeps translating (late retransmits, the
+    /// closing handshake) before its entries count as gone.
+    pub close_grace_s: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 40);
 
@@ -163,9 +165,16 @@ const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 
 /// `RevNatEntry::flags`: the entry undoes SNAT (a reply to a flow forwarded to a remote node).
 pub const REV_SNAT: u8 = 1;
+/// `RevNatEntry::flags`: the flow saw FIN or RST at `stamp_s`; after `Config::close_grace_s`
+/// the entry no longer translates (a later connection on the same tuple is not ours) and its
+/// SNAT port is free again.
+pub const REV_CLOSING: u8 = 2;
 
 /// `CtEntry::flags`: the flow is SNATed to a remote backend.
 pub const CT_SNAT: u8 = 1;
+/// `CtEntry::flags`: the TCP flow saw FIN or RST at `closing_s`; after
+/// `Config::close_grace_s` its next packet is a new flow.
+pub const CT_CLOSING: u8 = 2;
 
 /// Value of `CONNTRACK`: which backend an established flow uses.
 #[repr(C)]
@@ -179,7 +188,8 @@ pub struct CtEntry {
     pub snat_port: u16,
     pub flags: u8,
     pub _pad: u8,
-    pub _pad1: u32,
+    /// Seconds (bpf_ktime_get_ns() / 1e9) when the flow first saw FIN or RST (`CT_CLOSING`).
+    pub closing_s: u32,
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
 
@@ -204,8 +214,9 @@ pub struct RevNatEntry {
     pub flags: u8,
     pub _pad0: u8,
     pub _pad1: u16,
-    /// Seconds (bpf_ktime_get_ns() / 1e9) when a reply last used a SNAT entry; a SNAT port
-    /// idle for longer than `Config::snat_idle_s` may be taken by a new flow.
+    /// Seconds (bpf_ktime_get_ns() / 1e9): when the flow started closing (`REV_CLOSING`), else
+    /// when a reply last used a SNAT entry (a SNAT port idle for longer than
+    /// `Config::snat_idle_s` may be taken by a new flow).
     pub stamp_s: u32,
 }
 const _: () = assert!(core::mem::size_of::<RevNatEntry>() == 60);

@@ -5,8 +5,8 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use lb_common::{
     hash::{client_hash, flow_hash},
     port_be, port_host, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, Frontend,
-    FrontendKey, Reason, RevNatEntry, BE_ACTIVE, BE_LOCAL, BE_TERMINATING, CT_SNAT, FE_AFFINITY,
-    REV_SNAT,
+    FrontendKey, Reason, RevNatEntry, BE_ACTIVE, BE_LOCAL, BE_TERMINATING, CT_CLOSING, CT_SNAT,
+    FE_AFFINITY, REV_CLOSING, REV_SNAT,
 };
 
 use crate::{
@@ -57,7 +57,7 @@ pub fn snat_reply_lookup(cfg: &Config, p: &Parsed) -> Option<*mut RevNatEntry> {
     if port < cfg.snat_port_min || port > cfg.snat_port_max {
         return None;
     }
-    let rev = REVNAT.get_ptr_mut(&ct_key(p))?;
+    let rev = revnat_lookup(cfg, p, &ct_key(p))?;
     if unsafe { (*rev).flags } & REV_SNAT == 0 {
         return None;
     }
@@ -98,21 +98,112 @@ fn backend(id: u32) -> Option<Backend> {
 }
 
 /// Established flow: reuse its backend while it exists, so backend-set changes do not break
-/// it. A terminating backend keeps its flows, but a new SYN on the same tuple reselects.
+/// it. A terminating backend keeps its flows, but a new SYN on the same tuple reselects. A
+/// TCP flow that saw FIN or RST keeps its backend for `close_grace_s`, then (or on a new
+/// SYN) the tuple is a new flow.
 #[inline(always)]
-pub fn ct_lookup(p: &Parsed, fe: &Frontend) -> Option<Flow> {
-    let ct = unsafe { CONNTRACK.get(&ct_key(p)) }?;
+pub fn ct_lookup(cfg: &Config, p: &Parsed, fe: &Frontend) -> Option<Flow> {
+    let ct = CONNTRACK.get_ptr_mut(&ct_key(p))?;
+    let ct = unsafe { &mut *ct };
     if ct.service_id != fe.service_id {
+        return None;
+    }
+    if ct.flags & CT_CLOSING != 0 && (p.is_syn() || closed_for(ct.closing_s) > cfg.close_grace_s) {
         return None;
     }
     let be = backend(ct.backend_id)?;
     if be.flags & BE_TERMINATING != 0 && p.is_syn() {
         return None;
     }
+    if p.is_fin_or_rst() && ct.flags & CT_CLOSING == 0 {
+        let now_s = now_s();
+        ct.flags |= CT_CLOSING;
+        ct.closing_s = now_s;
+        let rkey = if ct.flags & CT_SNAT != 0 {
+            reply_key(&be, [cfg.snat_addr, 0, 0, 0], ct.snat_port, p.proto)
+        } else {
+            reply_key(&be, [p.saddr, 0, 0, 0], p.sport, p.proto)
+        };
+        if let Some(rev) = REVNAT.get_ptr_mut(&rkey) {
+            revnat_closing(rev, now_s);
+        }
+    }
     Some(Flow {
         backend: be,
         snat_port: ct.snat_port,
     })
+}
+
+#[inline(always)]
+fn now_s() -> u32 {
+    (unsafe { bpf_ktime_get_ns() } / NS_PER_S) as u32
+}
+
+/// Seconds since `since_s`.
+#[inline(always)]
+fn closed_for(since_s: u32) -> u32 {
+    now_s().wrapping_sub(since_s)
+}
+
+/// The 5-tuple a backend's reply to `dst:dport` arrives with.
+#[inline(always)]
+fn reply_key(be: &Backend, dst: [u32; 4], dport: u16, proto: u8) -> CtKey {
+    CtKey {
+        saddr: be.addr,
+        daddr: dst,
+        sport: be.port,
+        dport,
+        proto,
+        _pad0: 0,
+        _pad1: 0,
+    }
+}
+
+#[inline(always)]
+fn revnat_closing(rev: *mut RevNatEntry, now_s: u32) {
+    unsafe {
+        if (*rev).flags & REV_CLOSING == 0 {
+            (*rev).flags |= REV_CLOSING;
+            (*rev).stamp_s = now_s;
+        }
+    }
+}
+
+/// A reply's reverse-NAT entry, unless its flow closed more than `close_grace_s` ago (then
+/// the entry is deleted: the tuple now belongs to some other connection, e.g. the client
+/// talking to the pod directly). A FIN or RST in the reply marks the flow closing, in the
+/// reverse-NAT entry and in the client's ct entry.
+#[inline(always)]
+pub fn revnat_lookup(cfg: &Config, p: &Parsed, key: &CtKey) -> Option<*mut RevNatEntry> {
+    let rev = REVNAT.get_ptr_mut(key)?;
+    let flags = unsafe { (*rev).flags };
+    if flags & REV_CLOSING != 0 && closed_for(unsafe { (*rev).stamp_s }) > cfg.close_grace_s {
+        let _ = REVNAT.remove(key);
+        return None;
+    }
+    if p.is_fin_or_rst() && flags & REV_CLOSING == 0 {
+        let now_s = now_s();
+        revnat_closing(rev, now_s);
+        let r = unsafe { &*rev };
+        let fkey = CtKey {
+            saddr: r.client_addr,
+            daddr: r.frontend_addr,
+            sport: r.client_port,
+            dport: r.frontend_port,
+            proto: p.proto,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        if let Some(ct) = CONNTRACK.get_ptr_mut(&fkey) {
+            unsafe {
+                if (*ct).flags & CT_CLOSING == 0 {
+                    (*ct).flags |= CT_CLOSING;
+                    (*ct).closing_s = now_s;
+                }
+            }
+        }
+    }
+    Some(rev)
 }
 
 /// New flow: sessionAffinity first (if on and fresh), else the service's Maglev ring.
@@ -202,19 +293,11 @@ pub fn ct_create(
         snat_port: 0,
         flags: 0,
         _pad: 0,
-        _pad1: 0,
+        closing_s: 0,
     };
 
     if be.flags & BE_LOCAL != 0 {
-        let rkey = CtKey {
-            saddr: be.addr,
-            daddr: [p.saddr, 0, 0, 0],
-            sport: be.port,
-            dport: p.sport,
-            proto: p.proto,
-            _pad0: 0,
-        _pad1: 0,
-        };
+        let rkey = reply_key(&be, [p.saddr, 0, 0, 0], p.sport, p.proto);
         REVNAT.insert(&rkey, &rev, 0).map_err(|_| Reason::PassCtFull)?;
     } else {
         ct.snat_port = snat_alloc(cfg, p, &be, &mut rev)?;
@@ -237,27 +320,21 @@ fn snat_alloc(cfg: &Config, p: &Parsed, be: &Backend, rev: &mut RevNatEntry) -> 
         return Err(Reason::PassSnatExhausted);
     }
     let range = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
-    let now_s = (unsafe { bpf_ktime_get_ns() } / NS_PER_S) as u32;
+    let now_s = now_s();
     rev.flags = REV_SNAT;
     rev.stamp_s = now_s;
     let start = flow_hash(&[p.saddr, 0, 0, 0], &[p.daddr, 0, 0, 0], p.sport, p.dport, p.proto);
     let mut i = 0;
     while i < SNAT_PROBES {
         let port = cfg.snat_port_min + ((start.wrapping_add(i.wrapping_mul(7919))) % range) as u16;
-        let rkey = CtKey {
-            saddr: be.addr,
-            daddr: [cfg.snat_addr, 0, 0, 0],
-            sport: be.port,
-            dport: port_be(port),
-            proto: p.proto,
-            _pad0: 0,
-        _pad1: 0,
-        };
+        let rkey = reply_key(be, [cfg.snat_addr, 0, 0, 0], port_be(port), p.proto);
         if REVNAT.insert(&rkey, &*rev, BPF_NOEXIST as u64).is_ok() {
             return Ok(port_be(port));
         }
         if let Some(old) = unsafe { REVNAT.get(&rkey) } {
-            if now_s.wrapping_sub(old.stamp_s) > cfg.snat_idle_s && REVNAT.insert(&rkey, &*rev, 0).is_ok() {
+            let age = now_s.wrapping_sub(old.stamp_s);
+            let free = age > cfg.snat_idle_s || (old.flags & REV_CLOSING != 0 && age > cfg.close_grace_s);
+            if free && REVNAT.insert(&rkey, &*rev, 0).is_ok() {
                 return Ok(port_be(port));
             }
         }
@@ -266,12 +343,13 @@ fn snat_alloc(cfg: &Config, p: &Parsed, be: &Backend, rev: &mut RevNatEntry) -> 
     Err(Reason::PassSnatExhausted)
 }
 
-/// Refreshes a SNAT entry's idle stamp when a reply uses it (written only once a second).
+/// Refreshes a SNAT entry's idle stamp when a reply uses it (written only once a second;
+/// a closing entry keeps the time it started closing).
 #[inline(always)]
 pub fn snat_touch(rev: *mut RevNatEntry) {
-    let now_s = (unsafe { bpf_ktime_get_ns() } / NS_PER_S) as u32;
+    let now_s = now_s();
     unsafe {
-        if (*rev).stamp_s != now_s {
+        if (*rev).flags & REV_CLOSING == 0 && (*rev).stamp_s != now_s {
             (*rev).stamp_s = now_s;
         }
     }

@@ -24,7 +24,7 @@ use lb_common::{Reason, BE_LOCAL, REV_SNAT};
 
 use crate::{
     lb::Flow,
-    maps::{CONFIG, REVNAT},
+    maps::CONFIG,
     nat::Rewrite,
     parse::{parse, ptr_at, EthHdr},
 };
@@ -68,7 +68,7 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     if p.ttl <= 1 {
         return Err(Reason::PassTtl);
     }
-    let flow = match lb::ct_lookup(&p, &fe) {
+    let flow = match lb::ct_lookup(cfg, &p, &fe) {
         Some(flow) => flow,
         None => {
             let (id, be) = lb::select_backend(cfg, &p, &fe)?;
@@ -152,7 +152,8 @@ fn try_lb_reply(ctx: &mut TcContext) -> Result<(i32, Reason), Reason> {
         Ok(p) => p,
         Err(_) => {
             // Headers may sit in a non-linear skb: pull them in once and parse again.
-            ctx.pull_data(64).map_err(|_| Reason::PassTruncL4)?;
+            let len = core::cmp::min(ctx.len(), 64);
+            ctx.pull_data(len).map_err(|_| Reason::PassTruncL4)?;
             parse(ctx)?
         }
     };
@@ -166,8 +167,8 @@ fn try_lb_reply(ctx: &mut TcContext) -> Result<(i32, Reason), Reason> {
         _pad0: 0,
         _pad1: 0,
     };
-    let rev = match unsafe { REVNAT.get(&key) } {
-        Some(rev) if rev.flags & REV_SNAT == 0 => *rev,
+    let rev = match lb::revnat_lookup(cfg, &p, &key) {
+        Some(rev) if unsafe { (*rev).flags } & REV_SNAT == 0 => unsafe { *rev },
         _ => return Err(Reason::PassNotReply),
     };
     if p.ttl <= 1 {

@@ -127,7 +127,9 @@ const ETH_P_IP: u16 = u16::from_ne_bytes(0x0800u16.to_be_bytes());
 const ETH_P_8021Q: u16 = u16::from_ne_bytes(0x8100u16.to_be_bytes());
 /// MF flag and fragment offset, network byte order.
 const IP_MF_OFFSET: u16 = u16::from_ne_bytes(0x3fffu16.to_be_bytes());
+pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
 
 /// Offsets of a TCP/UDP checksum inside its header.
 pub const TCP_CSUM_OFF: usize = 16;
@@ -150,6 +152,12 @@ impl Parsed {
     #[inline(always)]
     pub fn is_syn(&self) -> bool {
         self.proto == PROTO_TCP && self.tcp_flags & TCP_FLAG_SYN != 0
+    }
+
+    /// TCP FIN or RST: the connection is closing.
+    #[inline(always)]
+    pub fn is_fin_or_rst(&self) -> bool {
+        self.proto == PROTO_TCP && self.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0
     }
 
     #[inline(always)]

@@ -21,7 +21,7 @@ use lb_common::{
     hash::{client_hash, flow_hash},
     port_be, port_host, service_port_word, v4, v4_octets, AffinityEntry, AffinityKey, Backend,
     Config, CtEntry, CtKey, Frontend, FrontendKey, Reason, RevNatEntry, BE_ACTIVE, BE_LOCAL,
-    BE_TERMINATING, CT_SNAT, FE_AFFINITY, FE_LOCAL_ONLY, PROTO_TCP, REV_SNAT,
+    BE_TERMINATING, CT_CLOSING, CT_SNAT, FE_AFFINITY, FE_LOCAL_ONLY, PROTO_TCP, REV_SNAT,
 };
 use serde::Serialize;
 
@@ -1078,6 +1078,21 @@ pub fn explain(
                 ct.service_id, fe.service_id
             ),
         ),
+        Some(ct)
+            if ct.flags & CT_CLOSING != 0
+                && (probe.syn
+                    || ((now_ns / NS_PER_S) as u32).wrapping_sub(ct.closing_s) > cfg.close_grace_s) =>
+        {
+            t.step(
+                "ct_lookup",
+                format!(
+                    "entry of a flow that saw FIN/RST {} s ago (grace {} s){}: selecting anew",
+                    ((now_ns / NS_PER_S) as u32).wrapping_sub(ct.closing_s),
+                    cfg.close_grace_s,
+                    if probe.syn { ", and this is a SYN" } else { "" }
+                ),
+            )
+        }
         Some(ct) => match active(view.backend(ct.backend_id)?) {
             None => t.step(
                 "ct_lookup",

@@ -39,6 +39,10 @@ use crate::translate::TranslateOptions;
 
 /// A SNAT port whose flow saw no reply for this long may be reused (seconds).
 pub const SNAT_IDLE_S: u32 = 300;
+/// How long a TCP flow that saw FIN or RST keeps translating (its closing handshake and
+/// late retransmits) before its tuple counts as free: longer than a FIN/ACK exchange, much
+/// shorter than the client's TIME_WAIT, after which it may reuse the port elsewhere.
+pub const CLOSE_GRACE_S: u32 = 10;
 /// How often the loop checks for a stop request while waiting.
 const STOP_POLL: Duration = Duration::from_millis(50);
 /// `statfs(2)` magic of a bpf filesystem.
@@ -338,6 +342,7 @@ fn node_config(node_addrs: &[Ipv4Addr], snat_addr: Ipv4Addr, snat_ports: PortRan
         snat_port_max: snat_ports.max,
         flags: CFG_DEC_TTL,
         snat_idle_s: SNAT_IDLE_S,
+        close_grace_s: CLOSE_GRACE_S,
         ..Default::default()
     }
 }
@@ -1083,6 +1088,7 @@ mod tests {
         assert_eq!((cfg.snat_port_min, cfg.snat_port_max), (61000, 65535));
         assert_eq!(cfg.flags & CFG_DEC_TTL, CFG_DEC_TTL);
         assert_eq!(cfg.snat_idle_s, 300);
+        assert_eq!(cfg.close_grace_s, CLOSE_GRACE_S);
     }
 
     #[test]

@@ -168,7 +168,7 @@ pub fn node_config() -> Config {
         snat_port_max: SNAT_PORT_MAX,
         flags: CFG_DEC_TTL,
         snat_idle_s: 300,
-        _pad: 0,
+        close_grace_s: 10,
     }
 }
 

@@ -10,9 +10,14 @@
 //! MACs on a clone keeps every other setting, so a row's expected output is its input plus the
 //! changes the program should make:
 //!
-//! ```ignore
-//! let input = Packet::eth(CLIENT_MAC, NODE_MAC).ipv4(client, node).tcp(40000, 30080).syn();
-//! let expect = input.clone().macs(NODE_MAC, POD_MAC).ip_dst(pod).ttl(63).dport(8080);
+//! ```
+//! # use std::net::Ipv4Addr;
+//! # use lb_tests::packet::Packet;
+//! # let (client_mac, node_mac, pod_mac) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 3]);
+//! # let (client, node, pod) = (Ipv4Addr::new(10, 0, 0, 9), Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 1, 0, 5));
+//! let input = Packet::eth(client_mac, node_mac).ipv4(client, node).tcp(40000, 30080).syn();
+//! let expect = input.clone().macs(node_mac, pod_mac).ip_dst(pod).ttl(63).dport(8080);
+//! assert_ne!(input.build(), expect.build());
 //! ```
 //!
 //! Misusing the builder (`.ttl()` before `.ipv4()`, a VLAN id above 4095, ...) panics at the

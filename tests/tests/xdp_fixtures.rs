@@ -734,3 +734,182 @@ fn lb_user_frontend(dp: &Dataplane, key: lb_common::FrontendKey) -> lb_common::F
         .map(|(_, v)| v)
         .expect("frontend")
 }
+
+fn monotonic_s() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u32
+}
+
+fn ct_entry(
+    dp: &Dataplane,
+    client_port: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+) -> (lb_common::CtKey, lb_common::CtEntry) {
+    dp.conntrack()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| {
+            k.sport == port_be(client_port) && k.daddr == addr(dst) && k.dport == port_be(dport)
+        })
+        .expect("ct entry")
+}
+
+/// FIN/RST mark a flow closing in both directions; once the grace is over, its reverse-NAT
+/// entry stops translating (the tuple may now be a direct client -> pod connection) and the
+/// next packet from the client is a new flow.
+#[test]
+fn closed_flows_stop_translating_after_the_grace() {
+    require_root();
+    let mut dp = world();
+    let req = client().ipv4(CLIENT, NODE).tcp(45000, 30080).syn().build();
+    assert_eq!(dp.test_run_xdp(&req).unwrap().0, XDP_REDIRECT);
+    let reply = |flags: fn(Packet) -> Packet| {
+        flags(
+            Packet::eth(POD_A_MAC, VETH_A_MAC)
+                .ipv4(POD_A, CLIENT)
+                .tcp(8080, 45000),
+        )
+        .build()
+    };
+
+    // The pod's FIN is still reverse-NATed, and marks both entries closing.
+    let (v, out) = dp.test_run_tc(&reply(|p| p.fin().ack())).unwrap();
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(lb_tests::packet::parse(&out).unwrap().ip.unwrap().src, NODE);
+    let (ckey, ct) = ct_entry(&dp, 45000, NODE, 30080);
+    assert_ne!(
+        ct.flags & lb_common::CT_CLOSING,
+        0,
+        "ct entry not marked closing"
+    );
+    let (rkey, rev) = dp
+        .revnat()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k.dport == port_be(45000))
+        .unwrap();
+    assert_ne!(
+        rev.flags & lb_common::REV_CLOSING,
+        0,
+        "revnat entry not marked closing"
+    );
+
+    // Within the grace (10 s) the last ACKs still translate.
+    assert_eq!(
+        dp.test_run_tc(&reply(|p| p.ack())).unwrap().0,
+        TC_ACT_REDIRECT
+    );
+
+    // Past the grace: the reply is not ours any more, passes unchanged, the entry is gone.
+    let old = monotonic_s() - 11;
+    dp.set_revnat(
+        &rkey,
+        &lb_common::RevNatEntry {
+            stamp_s: old,
+            ..rev
+        },
+    )
+    .unwrap();
+    let before = stat(&dp, Reason::PassNotReply);
+    let direct = reply(|p| p.syn().ack());
+    assert_eq!(
+        dp.test_run_tc(&direct).unwrap(),
+        (TC_ACT_OK, direct.clone())
+    );
+    assert_eq!(stat(&dp, Reason::PassNotReply), before + 1);
+    assert!(
+        dp.revnat().unwrap().iter().all(|(k, _)| *k != rkey),
+        "expired entry not deleted"
+    );
+
+    // And the client's next packet on the old tuple is a new flow (fresh, not closing).
+    dp.set_conntrack(
+        &ckey,
+        &lb_common::CtEntry {
+            closing_s: old,
+            ..ct
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        dp.test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(45000, 30080).ack().build())
+            .unwrap()
+            .0,
+        XDP_REDIRECT
+    );
+    let (_, fresh) = ct_entry(&dp, 45000, NODE, 30080);
+    assert_eq!(
+        fresh.flags & lb_common::CT_CLOSING,
+        0,
+        "expired closing flow was not re-created"
+    );
+}
+
+/// A client RST marks the flow closing; a new SYN on a closing tuple is a new connection.
+#[test]
+fn client_rst_marks_closing_and_a_new_syn_starts_over() {
+    require_root();
+    let mut dp = world();
+    let pkt = |f: fn(Packet) -> Packet| f(client().ipv4(CLIENT, NODE).tcp(45001, 30080)).build();
+    assert_eq!(dp.test_run_xdp(&pkt(|p| p.syn())).unwrap().0, XDP_REDIRECT);
+    assert_eq!(dp.test_run_xdp(&pkt(|p| p.rst())).unwrap().0, XDP_REDIRECT);
+    let (_, ct) = ct_entry(&dp, 45001, NODE, 30080);
+    assert_ne!(ct.flags & lb_common::CT_CLOSING, 0);
+    assert_eq!(dp.test_run_xdp(&pkt(|p| p.syn())).unwrap().0, XDP_REDIRECT);
+    let (_, ct) = ct_entry(&dp, 45001, NODE, 30080);
+    assert_eq!(
+        ct.flags & lb_common::CT_CLOSING,
+        0,
+        "a new SYN must start a fresh flow"
+    );
+}
+
+/// SNAT ports of closed flows are free again after the grace, long before the idle timeout.
+#[test]
+fn snat_port_of_a_closed_flow_is_reused_after_the_grace() {
+    require_root();
+    let mut dp = world();
+    let mut cfg = dp.config().unwrap();
+    cfg.snat_port_min = 61000;
+    cfg.snat_port_max = 61000; // one port: the second flow needs the first one's
+    dp.set_config(&cfg).unwrap();
+    let syn = |sport| client().ipv4(CLIENT, NODE).tcp(sport, 30081).syn().build();
+    assert_eq!(dp.test_run_xdp(&syn(46000)).unwrap().0, XDP_REDIRECT);
+    // The only port is taken: a second flow falls back to the kernel.
+    let before = stat(&dp, Reason::PassSnatExhausted);
+    assert_eq!(dp.test_run_xdp(&syn(46001)).unwrap().0, XDP_PASS);
+    assert_eq!(stat(&dp, Reason::PassSnatExhausted), before + 1);
+    // The first flow closes (RST from the pod's side, via the SNAT reply path) ...
+    let rst = Packet::eth(NODE1_MAC, NIC_MAC)
+        .ipv4(POD_R, NODE)
+        .tcp(8080, 61000)
+        .rst()
+        .ack()
+        .build();
+    assert_eq!(dp.test_run_xdp(&rst).unwrap().0, XDP_REDIRECT);
+    let (rkey, rev) = dp
+        .revnat()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k.dport == port_be(61000))
+        .unwrap();
+    assert_ne!(rev.flags & lb_common::REV_CLOSING, 0);
+    // ... and once its grace is over, the port serves the second flow.
+    dp.set_revnat(
+        &rkey,
+        &lb_common::RevNatEntry {
+            stamp_s: monotonic_s() - 11,
+            ..rev
+        },
+    )
+    .unwrap();
+    let (v, out) = dp.test_run_xdp(&syn(46001)).unwrap();
+    assert_eq!(v, XDP_REDIRECT);
+    let parsed = lb_tests::packet::parse(&out).unwrap();
+    assert_eq!(parsed.l4.unwrap().sport(), 61000);
+}
