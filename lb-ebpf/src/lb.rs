@@ -33,8 +33,9 @@ fn is_node_addr(cfg: &Config, addr: u32) -> bool {
             || cfg.node_addrs[3] == addr)
 }
 
+/// The packet's own 5-tuple as a ct/reverse-NAT key.
 #[inline(always)]
-fn ct_key(p: &Parsed) -> CtKey {
+pub fn ct_key(p: &Parsed) -> CtKey {
     CtKey {
         saddr: [p.saddr, 0, 0, 0],
         daddr: [p.daddr, 0, 0, 0],

@@ -93,31 +93,23 @@ fn dnat_and_deliver(
     flow: &Flow,
 ) -> Result<(u32, Reason), Reason> {
     let be = &flow.backend;
-    if be.flags & BE_LOCAL != 0 {
+    let (saddr, sport, reason) = if be.flags & BE_LOCAL != 0 {
         // One hop, client address kept: straight into the pod's veth.
-        let r = Rewrite {
-            saddr: p.saddr,
-            daddr: be.addr[0],
-            sport: p.sport,
-            dport: be.port,
-            dmac: be.dmac,
-            smac: be.smac,
-        };
-        nat::rewrite_xdp(ctx, p, &r, cfg.flags)?;
-        Ok((xmit(be.ifindex), Reason::FwdLocal))
+        (p.saddr, p.sport, Reason::FwdLocal)
     } else {
         // externalTrafficPolicy Cluster, pod on another node: SNAT so the reply comes back here.
-        let r = Rewrite {
-            saddr: cfg.snat_addr,
-            daddr: be.addr[0],
-            sport: flow.snat_port,
-            dport: be.port,
-            dmac: be.dmac,
-            smac: be.smac,
-        };
-        nat::rewrite_xdp(ctx, p, &r, cfg.flags)?;
-        Ok((xmit(be.ifindex), Reason::FwdRemote))
-    }
+        (cfg.snat_addr, flow.snat_port, Reason::FwdRemote)
+    };
+    let r = Rewrite {
+        saddr,
+        daddr: be.addr[0],
+        sport,
+        dport: be.port,
+        dmac: be.dmac,
+        smac: be.smac,
+    };
+    nat::rewrite_xdp(ctx, p, &r, cfg.flags)?;
+    Ok((xmit(be.ifindex), reason))
 }
 
 /// Sends the frame out of `ifindex`. Also for the interface it came in on: XDP_TX there
@@ -158,16 +150,7 @@ fn try_lb_reply(ctx: &mut TcContext) -> Result<(i32, Reason), Reason> {
         }
     };
     let cfg = CONFIG.get(0).ok_or(Reason::PassInternal)?;
-    let key = lb_common::CtKey {
-        saddr: [p.saddr, 0, 0, 0],
-        daddr: [p.daddr, 0, 0, 0],
-        sport: p.sport,
-        dport: p.dport,
-        proto: p.proto,
-        _pad0: 0,
-        _pad1: 0,
-    };
-    let rev = match lb::revnat_lookup(cfg, &p, &key) {
+    let rev = match lb::revnat_lookup(cfg, &p, &lb::ct_key(&p)) {
         Some(rev) if unsafe { (*rev).flags } & REV_SNAT == 0 => unsafe { *rev },
         _ => return Err(Reason::PassNotReply),
     };

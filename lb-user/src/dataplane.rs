@@ -348,10 +348,7 @@ impl Dataplane {
     }
 
     pub fn frontends(&self) -> Result<Vec<(FrontendKey, Frontend)>, DataplaneError> {
-        let map: HashMap<_, FrontendKey, Frontend> = self.typed_ref("FRONTENDS")?;
-        map.iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err("FRONTENDS", "iterate"))
+        self.hash_entries("FRONTENDS")
     }
 
     pub fn set_backend(&mut self, id: u32, be: &Backend) -> Result<(), DataplaneError> {
@@ -441,55 +438,30 @@ impl Dataplane {
     }
 
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>, DataplaneError> {
-        let map: HashMap<_, CtKey, CtEntry> = self.typed_ref("CONNTRACK")?;
-        map.iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err("CONNTRACK", "iterate"))
+        self.hash_entries("CONNTRACK")
     }
 
     /// Writes a conntrack entry (operator repair, benchmarks and tests; the program writes
     /// its own on a flow's first packet).
     pub fn set_conntrack(&mut self, key: &CtKey, entry: &CtEntry) -> Result<(), DataplaneError> {
-        let mut map: HashMap<_, CtKey, CtEntry> = self.typed("CONNTRACK")?;
-        map.insert(key, entry, 0)
-            .map_err(map_err("CONNTRACK", "insert"))
+        self.hash_insert("CONNTRACK", key, entry)
     }
 
     /// Forgets every flow: conntrack, reverse NAT and affinity entries (`conntrack flush`).
     /// Established connections are then treated as new ones.
     pub fn flush_flows(&mut self) -> Result<usize, DataplaneError> {
-        let mut n = 0;
-        let ct: Vec<CtKey> = self.conntrack()?.into_iter().map(|(k, _)| k).collect();
-        let mut map: HashMap<_, CtKey, CtEntry> = self.typed("CONNTRACK")?;
-        for k in &ct {
-            if map.remove(k).is_ok() {
-                n += 1;
-            }
-        }
-        let rev: Vec<CtKey> = self.revnat()?.into_iter().map(|(k, _)| k).collect();
-        let mut map: HashMap<_, CtKey, RevNatEntry> = self.typed("REVNAT")?;
-        for k in &rev {
-            let _ = map.remove(k);
-        }
-        let mut map: HashMap<_, AffinityKey, AffinityEntry> = self.typed("AFFINITY")?;
-        let keys: Vec<AffinityKey> = map.keys().filter_map(Result::ok).collect();
-        for k in &keys {
-            let _ = map.remove(k);
-        }
-        Ok(n)
+        let flows = self.hash_clear::<CtKey, CtEntry>("CONNTRACK")?;
+        self.hash_clear::<CtKey, RevNatEntry>("REVNAT")?;
+        self.hash_clear::<AffinityKey, AffinityEntry>("AFFINITY")?;
+        Ok(flows)
     }
 
     pub fn revnat(&self) -> Result<Vec<(CtKey, RevNatEntry)>, DataplaneError> {
-        let map: HashMap<_, CtKey, RevNatEntry> = self.typed_ref("REVNAT")?;
-        map.iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err("REVNAT", "iterate"))
+        self.hash_entries("REVNAT")
     }
 
     pub fn set_revnat(&mut self, key: &CtKey, entry: &RevNatEntry) -> Result<(), DataplaneError> {
-        let mut map: HashMap<_, CtKey, RevNatEntry> = self.typed("REVNAT")?;
-        map.insert(key, entry, 0)
-            .map_err(map_err("REVNAT", "insert"))
+        self.hash_insert("REVNAT", key, entry)
     }
 
     pub fn affinity(&self, key: &AffinityKey) -> Result<Option<AffinityEntry>, DataplaneError> {
@@ -506,9 +478,7 @@ impl Dataplane {
         key: &AffinityKey,
         entry: &AffinityEntry,
     ) -> Result<(), DataplaneError> {
-        let mut map: HashMap<_, AffinityKey, AffinityEntry> = self.typed("AFFINITY")?;
-        map.insert(key, entry, 0)
-            .map_err(map_err("AFFINITY", "insert"))
+        self.hash_insert("AFFINITY", key, entry)
     }
 
     /// Attaches the XDP program to `iface` (of the current network namespace).
@@ -601,6 +571,37 @@ impl Dataplane {
     ) -> Result<(u32, Duration), DataplaneError> {
         let prog: &mut Xdp = program(&mut self.ebpf, PROG_PASS)?;
         bench(prog, PROG_PASS, packet, repeat)
+    }
+
+    fn hash_entries<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<Vec<(K, V)>, DataplaneError> {
+        let map: HashMap<_, K, V> = self.typed_ref(name)?;
+        map.iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(name, "iterate"))
+    }
+
+    fn hash_insert<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        key: &K,
+        value: &V,
+    ) -> Result<(), DataplaneError> {
+        let mut map: HashMap<_, K, V> = self.typed(name)?;
+        map.insert(key, value, 0).map_err(map_err(name, "insert"))
+    }
+
+    /// Deletes every entry; returns how many were deleted (entries the program adds or
+    /// evicts meanwhile are not counted).
+    fn hash_clear<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<usize, DataplaneError> {
+        let mut map: HashMap<_, K, V> = self.typed(name)?;
+        let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+        Ok(keys.iter().filter(|k| map.remove(k).is_ok()).count())
     }
 
     fn typed<'a, T>(&'a mut self, name: &'static str) -> Result<T, DataplaneError>
