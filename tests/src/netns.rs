@@ -164,26 +164,15 @@ fn pid_alive(pid: u32) -> bool {
 /// Returns the names deleted.
 pub fn cleanup_stale() -> Result<Vec<String>, NetnsError> {
     preflight()?;
-    let entries = match std::fs::read_dir(NETNS_DIR) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(NetnsError::Io {
-                path: NETNS_DIR.into(),
-                source,
-            })
-        }
-    };
     let mut deleted = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
+    for name in list_with_prefix(PREFIX)? {
         let Some(pid) = creator_pid(&name) else {
             continue;
         };
         if pid == std::process::id() || pid_alive(pid) {
             continue;
         }
-        let path = entry.path();
+        let path = Path::new(NETNS_DIR).join(&name);
         // Another process may be cleaning up at the same time: a namespace that vanished
         // under us is simply gone, not an error.
         let pids = match ip(&["netns", "pids", &name]) {
@@ -419,7 +408,8 @@ impl Drop for ChildGuard {
     }
 }
 
-fn describe(cmd: &Command) -> String {
+/// A command line as text, for error messages.
+pub fn describe(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|s| s.to_string_lossy())

@@ -25,7 +25,7 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::netns::{self, in_netns, ChildGuard, NetnsError};
+use crate::netns::{self, describe, in_netns, ChildGuard, NetnsError};
 use crate::topology::{Topology, TopologyError, TopologySpec, NIC};
 
 /// Kubernetes namespace and name of the lab's Service.
@@ -446,14 +446,6 @@ fn build(profile_dir: &Path, agent: bool) -> Result<(), ScenarioError> {
         });
     }
     Ok(())
-}
-
-fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|s| s.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// A process of the lab: under a [`ChildGuard`] (killed with us), or detachable for
