@@ -43,7 +43,7 @@ struct Args {
     #[arg(long, default_value_t = 1_000_000)]
     repeat: u32,
     /// Test runs per case; the median is reported.
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 15)]
     runs: usize,
     /// Conntrack (and reverse-NAT) entries.
     #[arg(long, default_value_t = 262_144)]
@@ -61,7 +61,10 @@ struct Case {
 
 #[derive(Serialize)]
 struct Report {
+    /// ct_hit, new_flow and non_service, per service count.
     cases: Vec<Case>,
+    /// empty_program (the harness alone) and floor (the program's shortest path).
+    reference: Vec<Case>,
     method: &'static str,
     maglev_size: u32,
     backends_per_service: u32,
@@ -87,7 +90,7 @@ fn setup(n: u32, b: u32, ct_entries: u32) -> Result<Dataplane> {
     let mut dp = Dataplane::load(DataplaneOptions {
         max_services: n + 1, // + the new_flow chain service
         maglev_size: DEFAULT_MAGLEV_SIZE,
-        max_backends: n * b + 2,
+        max_backends: n * b + b + 1,
         max_frontends: n + 16,
         ct_entries,
         affinity_entries: 1024,
@@ -227,12 +230,13 @@ fn prepare(n: u32, args: &Args) -> Result<Size> {
         .payload(&[0u8; 64])
         .build();
 
-    // new_flow: a chain of new flows inside one test run. The bench service (slot n) has one
-    // remote backend Q:8080 and an exact frontend on Q:8080 itself. A packet to Q:8080 is
-    // SNATed to (node, fresh port) and DNATed to Q:8080, so the next repeat is again a packet
-    // to the frontend, from a source port never used before (SNAT ports are allocated
-    // exclusively): every repeat creates a flow. This is the remote (SNAT) path, the heavier
-    // of the two new-flow paths.
+    // new_flow: a chain of new flows inside one test run. The bench service (slot n) has
+    // remote backends Qi:8080, and every Qi:8080 is also one of its frontends. A packet to a
+    // Qi is SNATed to (node, fresh port) and DNATed to the Qj that Maglev picks, so the next
+    // repeat is again a packet to a frontend, from a source port never used before towards
+    // that backend (SNAT ports are allocated exclusively per backend): every repeat is a new
+    // flow through select_backend. This is the remote (SNAT) path, the heavier of the two
+    // new-flow paths; the local one cannot chain (its output goes to a pod, not a frontend).
     let chain = n;
     let q = Ipv4Addr::new(10, 99, 0, 1);
     let mut cfg = dp.config()?;
@@ -241,16 +245,31 @@ fn prepare(n: u32, args: &Args) -> Result<Size> {
     cfg.snat_port_min = 32768;
     cfg.snat_port_max = 65535;
     dp.set_config(&cfg)?;
-    let q_id = n * args.backends + 1;
-    dp.set_backend(q_id, &lb_tests::fixture::remote_backend(q, 8080))?;
-    dp.write_full_ring(chain, &vec![q_id; DEFAULT_MAGLEV_SIZE as usize])?;
+    // The chain service has `backends` remote backends Q1..Qb, and each Qi:8080 is also one
+    // of its frontends: every repeat goes through Maglev selection among all of them.
+    let qs: Vec<(u32, lb_common::Backend)> = (0..args.backends)
+        .map(|i| {
+            let qi = Ipv4Addr::new(10, 99, 0, 1 + i as u8);
+            (
+                n * args.backends + 1 + i,
+                lb_tests::fixture::remote_backend(qi, 8080),
+            )
+        })
+        .collect();
+    for (id, be) in &qs {
+        dp.set_backend(*id, be)?;
+    }
+    dp.write_full_ring(chain, &ring_for(&qs, DEFAULT_MAGLEV_SIZE))?;
     let chain_fe = Frontend {
         service_id: chain,
-        backend_count: 1,
+        backend_count: args.backends,
         flags: 0,
         affinity_timeout_s: 0,
     };
-    dp.set_frontend(&frontend_key(Some(q), 8080, PROTO_TCP), &chain_fe)?;
+    for i in 0..args.backends {
+        let qi = Ipv4Addr::new(10, 99, 0, 1 + i as u8);
+        dp.set_frontend(&frontend_key(Some(qi), 8080, PROTO_TCP), &chain_fe)?;
+    }
     let chain_pkt = Packet::eth(CLIENT_MAC, NIC_MAC)
         .ipv4(CLIENT, q)
         .tcp(40000, 8080)
@@ -342,6 +361,7 @@ fn main() -> Result<()> {
         eprintln!("  round {}/{} done", r + 1, args.runs);
     }
     let mut cases = Vec::new();
+    let mut reference = Vec::new();
     for name in [
         "empty_program",
         "floor",
@@ -351,7 +371,12 @@ fn main() -> Result<()> {
     ] {
         for sz in &sizes {
             let runs = samples[&(sz.n, name)].clone();
-            cases.push(Case {
+            let list = if matches!(name, "empty_program" | "floor") {
+                &mut reference
+            } else {
+                &mut cases
+            };
+            list.push(Case {
                 name,
                 services: sz.n,
                 ns_per_packet: median(&mut runs.clone()),
@@ -364,7 +389,7 @@ fn main() -> Result<()> {
         "{:<14} {:>9} {:>12} {:>10} {:>10}",
         "case", "services", "ns/packet", "min", "max"
     );
-    for c in &cases {
+    for c in reference.iter().chain(&cases) {
         let min = c.runs_ns.iter().cloned().fold(f64::MAX, f64::min);
         let max = c.runs_ns.iter().cloned().fold(0.0, f64::max);
         println!(
@@ -389,6 +414,7 @@ fn main() -> Result<()> {
     if let Some(path) = &args.json {
         let report = Report {
             cases,
+            reference,
             method: "BPF_PROG_TEST_RUN; see tests/src/bin/bench-xdp.rs",
             maglev_size: DEFAULT_MAGLEV_SIZE,
             backends_per_service: args.backends,
