@@ -1,6 +1,7 @@
 //! Developer commands. `cargo xtask` is an alias (.cargo/config.toml) for running this crate.
 
 mod cmd;
+mod k8s;
 mod run_bin;
 mod setup;
 mod test;
@@ -49,6 +50,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build kube-apiserver, kube-controller-manager and kube-proxy from the Go module proxy
+    /// into ~/.cache/lbx/k8s/<version>/bin; cached per version.
+    K8sBuild {
+        /// Kubernetes release to build, 1.<minor>.<patch>.
+        #[arg(long, default_value = k8s::DEFAULT_VERSION)]
+        version: k8s::KubeVersion,
+    },
 }
 
 fn main() -> ExitCode {
@@ -86,6 +94,9 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         Task::Demo { args } => {
             setup::run()?;
             return Ok(exit_code(run_bin::run(run_bin::DEMO_BINARY, &args)?));
+        }
+        Task::K8sBuild { version } => {
+            k8s::run(version).context("cargo xtask k8s-build")?;
         }
     }
     Ok(ExitCode::SUCCESS)
