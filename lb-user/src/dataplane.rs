@@ -110,13 +110,8 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{dir:?} is not on a bpf filesystem and mounting one at {mountpoint:?} failed: {source} (mount it with `mount -t bpf bpf /sys/fs/bpf`, or pass a --pin-dir on bpffs)")]
-    Bpffs {
-        dir: std::path::PathBuf,
-        mountpoint: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bpffs(#[from] crate::bpffs::BpffsError),
     #[error("mmap of the MAGLEV map failed: {source}")]
     Mmap {
         #[source]
@@ -204,7 +199,7 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         let pin_paths: Vec<(&str, std::path::PathBuf)> = match &opts.pin_dir {
             Some(dir) => {
-                ensure_bpffs(dir)?;
+                crate::bpffs::ensure(dir)?;
                 std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir {
                     dir: dir.clone(),
                     source,
@@ -683,55 +678,6 @@ fn bench(
             source,
         })?;
     Ok((res.return_value, res.duration))
-}
-
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const BPFFS_MOUNTPOINT: &str = "/sys/fs/bpf";
-
-fn is_bpffs(path: &std::path::Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
-}
-
-/// Pins need a bpf filesystem. Like other BPF agents, mount one at /sys/fs/bpf when the
-/// machine has none (a fresh VM often has none mounted).
-fn ensure_bpffs(dir: &std::path::Path) -> Result<(), DataplaneError> {
-    let mountpoint = std::path::Path::new(BPFFS_MOUNTPOINT);
-    // The nearest existing ancestor decides which filesystem the pins land on.
-    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(mountpoint);
-    if is_bpffs(existing) {
-        return Ok(());
-    }
-    if !dir.starts_with(mountpoint) || is_bpffs(mountpoint) {
-        return Err(DataplaneError::Bpffs {
-            dir: dir.to_path_buf(),
-            mountpoint: mountpoint.to_path_buf(),
-            source: std::io::Error::other("the directory is outside the bpffs mount"),
-        });
-    }
-    let cstr = |s: &str| std::ffi::CString::new(s).expect("no NUL");
-    let (src, target, fstype) = (cstr("bpf"), cstr(BPFFS_MOUNTPOINT), cstr("bpf"));
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(DataplaneError::Bpffs {
-            dir: dir.to_path_buf(),
-            mountpoint: mountpoint.to_path_buf(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    log::info!("mounted a bpf filesystem at {BPFFS_MOUNTPOINT} for pinned maps");
-    Ok(())
 }
 
 /// aya reports a missing key as KeyNotFound on lookups and as ENOENT on deletes.

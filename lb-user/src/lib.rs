@@ -1,5 +1,6 @@
 //! lb-user: loads the data plane, translates Kubernetes objects into its maps, and
 //! answers operator questions about it.
+pub mod bpffs;
 pub mod dataplane;
 pub mod inspect;
 pub mod maglev;

@@ -45,10 +45,6 @@ pub const SNAT_IDLE_S: u32 = 300;
 pub const CLOSE_GRACE_S: u32 = 10;
 /// How often the loop checks for a stop request while waiting.
 const STOP_POLL: Duration = Duration::from_millis(50);
-/// `statfs(2)` magic of a bpf filesystem.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-/// Where bpffs lives when nothing else says so.
-const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
 /// An inclusive port range, `MIN-MAX` on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,16 +141,8 @@ pub enum StandaloneRunError {
         #[source]
         source: Box<ReconcileError>,
     },
-    #[error(
-        "pin directory {dir:?} is not on a bpf filesystem; mount one there \
-         (mount -t bpf bpf DIR) or choose a --pin-dir under {BPFFS_ROOT}"
-    )]
-    NotBpffs { dir: PathBuf },
-    #[error("cannot mount a bpf filesystem at {BPFFS_ROOT}: {source}; mount it yourself (mount -t bpf bpf {BPFFS_ROOT})")]
-    MountBpffs {
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bpffs(#[from] crate::bpffs::BpffsError),
     #[error("cannot create or lock the pin directory {dir:?}: {source}")]
     PinDir {
         dir: PathBuf,
@@ -349,53 +337,6 @@ fn node_config(node_addrs: &[Ipv4Addr], snat_addr: Ipv4Addr, snat_ports: PortRan
 
 // ---------------------------------------------------------------------------------------------
 // Pins
-
-fn statfs_type(path: &Path) -> Option<i64> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: c is NUL-terminated; st is a plain out-parameter.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type as i64)
-}
-
-/// The nearest existing ancestor of `path` (itself included).
-fn existing_ancestor(path: &Path) -> Option<&Path> {
-    path.ancestors().find(|p| p.exists())
-}
-
-/// Makes sure `pin_dir` will be on a bpffs. Under `ip netns exec` (a fresh /sys) or on a host
-/// without systemd's mount there is none at /sys/fs/bpf: mount one there, in this mount
-/// namespace only when it is private (then the CLI reaches it via /proc/<pid>/root).
-fn ensure_bpffs(pin_dir: &Path) -> Result<(), StandaloneRunError> {
-    let base = existing_ancestor(pin_dir).unwrap_or(Path::new("/"));
-    if statfs_type(base) == Some(BPF_FS_MAGIC) {
-        return Ok(());
-    }
-    let root = Path::new(BPFFS_ROOT);
-    if !pin_dir.starts_with(root) || !root.is_dir() || statfs_type(root) == Some(BPF_FS_MAGIC) {
-        return Err(StandaloneRunError::NotBpffs {
-            dir: pin_dir.to_path_buf(),
-        });
-    }
-    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
-    let (src, target, fstype, data) = (c("bpf"), c(BPFFS_ROOT), c("bpf"), c("mode=0700"));
-    // SAFETY: all pointers are NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(StandaloneRunError::MountBpffs {
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    info!("mounted a bpf filesystem at {BPFFS_ROOT} (this mount namespace had none)");
-    Ok(())
-}
 
 /// Holds an exclusive flock on the pin directory: one agent per directory.
 struct PinLock {
@@ -885,7 +826,7 @@ pub fn run(opts: &StandaloneOptions) -> Result<(), StandaloneRunError> {
     let mut stamp = file_stamp(&opts.config);
 
     let pin_dir = opts.pin_dir();
-    ensure_bpffs(&pin_dir)?;
+    crate::bpffs::ensure(&pin_dir)?;
     // Declared in this order so they drop in reverse: data plane, pins, lock.
     let _lock = lock_pin_dir(&pin_dir)?;
     let takeover = check_existing_pins(&pin_dir, &dp_opts)?;

@@ -53,8 +53,7 @@ const AGENT_READY: Duration = Duration::from_secs(60);
 const TERM_GRACE: Duration = Duration::from_secs(3);
 /// Where `ip netns add` keeps named namespaces (setns opens these).
 const NETNS_DIR: &str = "/run/netns";
-/// bpffs mount point; the agents pin under `PIN_ROOT`.
-const BPFFS: &str = "/sys/fs/bpf";
+/// Where the agents pin their maps (on the bpffs at /sys/fs/bpf).
 const PIN_ROOT: &str = "/sys/fs/bpf/lbx";
 /// Environment: a prebuilt agent binary to use instead of building `lb-user`.
 pub const AGENT_BIN_ENV: &str = "LBX_AGENT_BIN";
@@ -65,6 +64,8 @@ const AGENT_READY_PREFIX: &str = "lbx: ready ";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
+    #[error(transparent)]
+    Bpffs(#[from] lb_user::bpffs::BpffsError),
     #[error(transparent)]
     Topology {
         #[from]
@@ -961,20 +962,9 @@ fn nft(ns: &str, args: &[&str], stdin: Option<&str>) -> Result<String, ScenarioE
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there: the agents pin their maps there
 /// and the operator CLI reads them (the same mount a DaemonSet gets as a hostPath).
 fn ensure_bpffs() -> Result<(), ScenarioError> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")
-        .map_err(io_err("reading the mount table", "/proc/self/mounts"))?;
-    let mounted = mounts.lines().any(|l| {
-        let mut f = l.split_whitespace();
-        let (_, target, fstype) = (f.next(), f.next(), f.next());
-        target == Some(BPFFS) && fstype == Some("bpf")
-    });
-    if mounted {
-        return Ok(());
+    if lb_user::bpffs::ensure(Path::new(PIN_ROOT))? {
+        eprintln!("lbx: mounted bpffs at {}", lb_user::bpffs::MOUNTPOINT);
     }
-    netns::output(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS])).map_err(netns_err(
-        format!("mounting bpffs at {BPFFS} (the agents pin maps there)"),
-    ))?;
-    eprintln!("lbx: mounted bpffs at {BPFFS}");
     Ok(())
 }
 
