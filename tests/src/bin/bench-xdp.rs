@@ -173,6 +173,8 @@ struct Size {
     non_service: Vec<u8>,
     arp: Vec<u8>,
     ct_pkt: Vec<u8>,
+    /// The ct_hit fixed point's conntrack entry, rewritten after each new_flow chain flushes it.
+    ct_entry: (CtKey, CtEntry),
     chain_pkt: Vec<u8>,
 }
 
@@ -214,15 +216,12 @@ fn prepare(n: u32, args: &Args) -> Result<Size> {
         _pad0: 0,
         _pad1: 0,
     };
-    let be_id = 1 + target * args.backends;
-    dp.set_conntrack(
-        &key,
-        &CtEntry {
-            backend_id: be_id,
-            service_id: target,
-            ..Default::default()
-        },
-    )?;
+    let entry = CtEntry {
+        backend_id: 1 + target * args.backends,
+        service_id: target,
+        ..Default::default()
+    };
+    dp.set_conntrack(&key, &entry)?;
     let ct_pkt = Packet::eth(POD_MAC, VETH_MAC)
         .ipv4(CLIENT, be_ip)
         .tcp(40000, 8080)
@@ -281,6 +280,7 @@ fn prepare(n: u32, args: &Args) -> Result<Size> {
         non_service,
         arp,
         ct_pkt,
+        ct_entry: (key, entry),
         chain_pkt,
     })
 }
@@ -306,15 +306,6 @@ fn round(sz: &mut Size, args: &Args) -> Result<Vec<(&'static str, f64)>> {
     ));
 
     dp.flush_flows()?;
-    let ct_key = CtKey {
-        saddr: addr(CLIENT),
-        daddr: addr(pod_ip(sz.n / 2, 0)),
-        sport: port_be(40000),
-        dport: port_be(8080),
-        proto: PROTO_TCP,
-        _pad0: 0,
-        _pad1: 0,
-    };
     let before = stat(dp, Reason::FwdRemote)?;
     let (v, d) = dp.bench_xdp(&sz.chain_pkt, CHAIN_REPEAT)?;
     ensure!(v == XDP_REDIRECT, "new_flow chain: verdict {v}");
@@ -327,15 +318,7 @@ fn round(sz: &mut Size, args: &Args) -> Result<Vec<(&'static str, f64)>> {
     out.push(("new_flow", d.as_nanos() as f64));
     // Restore the ct_hit fixed point's entry for the next round.
     dp.flush_flows()?;
-    let be_id = 1 + (sz.n / 2) * args.backends;
-    dp.set_conntrack(
-        &ct_key,
-        &CtEntry {
-            backend_id: be_id,
-            service_id: sz.n / 2,
-            ..Default::default()
-        },
-    )?;
+    dp.set_conntrack(&sz.ct_entry.0, &sz.ct_entry.1)?;
     Ok(out)
 }
 
