@@ -1,22 +1,24 @@
-//! `lb-user`: the lbx agent (`standalone`) and the operator CLI that reads a running
+//! `lb-user`: the lbx node agent (`agent`, or `standalone` from a file) and the operator CLI that reads a running
 //! instance's pinned maps (`counters`, `conntrack`, `targets`, `explain`).
 //!
 //! Exit codes: 0 ok, 1 error, 2 usage (clap).
 
 use std::io::Write as _;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_common::{DEFAULT_MAGLEV_SIZE, PROTO_TCP, PROTO_UDP};
-use lb_user::dataplane::XdpModeChoice;
+use lb_user::agent::{self, AgentOptions};
+use lb_user::dataplane::{DataplaneOptions, XdpModeChoice};
 use lb_user::inspect::{
     self, CountersReport, Explanation, FlowRow, FrontendTargets, Located, MapsView, PinnedMaps,
     Probe,
 };
-use lb_user::standalone_run::{self, PortRange, StandaloneOptions};
+use lb_user::runtime::{NodeOptions, PortRange};
+use lb_user::standalone_run::{self, StandaloneOptions};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,6 +33,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The node agent: run the data plane on one interface, driven by the API server.
+    Agent(AgentArgs),
     /// Run the data plane on one interface, driven by a manifest file (no API server).
     Standalone(StandaloneArgs),
     /// Packet counters of a running instance, one per verdict reason.
@@ -43,16 +47,14 @@ enum Command {
     Explain(ExplainArgs),
 }
 
+/// The data-plane flags `standalone` and `agent` share.
 #[derive(Args, Debug)]
-struct StandaloneArgs {
+struct NodeArgs {
     /// Interface to attach XDP to (the node's NIC).
     #[arg(long)]
     iface: String,
-    /// Services and EndpointSlices (YAML or JSON, as `kubectl get -o yaml` prints them).
-    #[arg(long)]
-    config: PathBuf,
     /// This node's name: endpoints with this nodeName are local pods.
-    #[arg(long)]
+    #[arg(long, env = "NODE_NAME")]
     node_name: String,
     /// Address NodePorts match (repeatable, at most 4) [default: the IPv4 addresses of --iface].
     #[arg(long = "node-addr", value_name = "IP")]
@@ -66,14 +68,15 @@ struct StandaloneArgs {
     /// Where to pin the maps [default: /sys/fs/bpf/lbx/<node-name>].
     #[arg(long, value_name = "DIR")]
     pin_dir: Option<PathBuf>,
-    /// How often to check the file for changes and retry unresolved backends.
-    #[arg(long, default_value_t = 500, value_name = "MS",
-          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
-    resync_ms: u64,
     /// Service ports that can have a Maglev ring at once.
     #[arg(long, default_value_t = 1024, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
     max_services: u32,
+    /// Backend ids: one per endpoint of every service port (10 000 Services of 10
+    /// endpoints need 100 000).
+    #[arg(long, default_value_t = DataplaneOptions::default().max_backends, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(2..))]
+    max_backends: u32,
     /// Maglev ring size per service port (a prime).
     #[arg(long, default_value_t = DEFAULT_MAGLEV_SIZE, value_name = "M")]
     maglev_size: u32,
@@ -83,6 +86,58 @@ struct StandaloneArgs {
     /// Leave the pinned maps in place on exit (a restart then keeps the tracked flows).
     #[arg(long)]
     keep_pins: bool,
+}
+
+impl NodeArgs {
+    fn options(self) -> NodeOptions {
+        NodeOptions {
+            iface: self.iface,
+            node_name: self.node_name,
+            node_addrs: self.node_addrs,
+            snat_addr: self.snat_addr,
+            xdp_mode: self.xdp_mode,
+            pin_dir: self.pin_dir,
+            max_services: self.max_services,
+            max_backends: self.max_backends,
+            maglev_size: self.maglev_size,
+            snat_ports: self.snat_ports,
+            keep_pins: self.keep_pins,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct StandaloneArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Services and EndpointSlices (YAML or JSON, as `kubectl get -o yaml` prints them).
+    #[arg(long)]
+    config: PathBuf,
+    /// How often to check the file for changes and retry unresolved backends.
+    #[arg(long, default_value_t = 500, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    resync_ms: u64,
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// kubeconfig to reach the API server [default: the pod's ServiceAccount in a cluster,
+    /// else $KUBECONFIG or ~/.kube/config].
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// Also accelerate Services labelled service.kubernetes.io/service-proxy-name=<NAME>
+    /// (Services with any other proxy name are left alone, like kube-proxy does).
+    #[arg(long, value_name = "NAME")]
+    proxy_name: Option<String>,
+    /// Address the healthCheckNodePort servers (externalTrafficPolicy Local) listen on.
+    #[arg(long, default_value = "0.0.0.0", value_name = "IP")]
+    healthz_bind_address: IpAddr,
+    /// How long to collect API changes before one apply.
+    #[arg(long, default_value_t = 5, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    batch_ms: u64,
 }
 
 /// Which running instance to read.
@@ -188,20 +243,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Standalone(a) => {
             let opts = StandaloneOptions {
-                iface: a.iface,
+                node: a.node.options(),
                 config: a.config,
-                node_name: a.node_name,
-                node_addrs: a.node_addrs,
-                snat_addr: a.snat_addr,
-                xdp_mode: a.xdp_mode,
-                pin_dir: a.pin_dir,
                 resync: Duration::from_millis(a.resync_ms),
-                max_services: a.max_services,
-                maglev_size: a.maglev_size,
-                snat_ports: a.snat_ports,
-                keep_pins: a.keep_pins,
             };
             Ok(standalone_run::run(&opts)?)
+        }
+        Command::Agent(a) => {
+            let opts = AgentOptions {
+                node: a.node.options(),
+                kubeconfig: a.kubeconfig,
+                proxy_name: a.proxy_name,
+                healthz_bind: a.healthz_bind_address,
+                batch: Duration::from_millis(a.batch_ms),
+            };
+            Ok(agent::run(opts)?)
         }
         Command::Counters(a) => {
             let maps = open(&a.instance)?;
@@ -494,16 +550,16 @@ mod tests {
         let Command::Standalone(a) = cli.command else {
             panic!()
         };
-        assert_eq!(a.node_addrs.len(), 2);
-        assert_eq!(a.xdp_mode, XdpModeChoice::Generic);
+        assert_eq!(a.node.node_addrs.len(), 2);
+        assert_eq!(a.node.xdp_mode, XdpModeChoice::Generic);
         assert_eq!(
-            a.snat_ports,
+            a.node.snat_ports,
             PortRange {
                 min: 62000,
                 max: 62010
             }
         );
-        assert!(a.keep_pins);
+        assert!(a.node.keep_pins);
 
         let d = Cli::try_parse_from([
             "lb-user",
@@ -520,17 +576,17 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            (d.resync_ms, d.max_services, d.maglev_size),
+            (d.resync_ms, d.node.max_services, d.node.maglev_size),
             (500, 1024, DEFAULT_MAGLEV_SIZE)
         );
         assert_eq!(
-            d.snat_ports,
+            d.node.snat_ports,
             PortRange {
                 min: 61000,
                 max: 65535
             }
         );
-        assert_eq!(d.xdp_mode, XdpModeChoice::Auto);
+        assert_eq!(d.node.xdp_mode, XdpModeChoice::Auto);
 
         let e = Cli::try_parse_from([
             "lb-user",

@@ -1,7 +1,10 @@
-//! Shared test support: packet builder, independent checksums, namespace guards.
+//! Shared test support: packet builder, independent checksums, namespace guards, the lab
+//! topology and a real Kubernetes control plane.
 
+pub mod controlplane;
 pub mod fixture;
 pub mod inet_csum;
+pub mod kubelet;
 pub mod netns;
 pub mod packet;
 pub mod scenario;

@@ -25,8 +25,10 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::controlplane::{ControlPlane, ControlPlaneError};
+use crate::kubelet::{self, KubeletError};
 use crate::netns::{self, describe, in_netns, ChildGuard, NetnsError};
-use crate::topology::{Topology, TopologyError, TopologySpec, NIC};
+use crate::topology::{Topology, TopologyError, TopologySpec, CONTROL_ADDR, NIC};
 
 /// Kubernetes namespace and name of the lab's Service.
 pub const SERVICE_NAMESPACE: &str = "demo";
@@ -66,6 +68,14 @@ const AGENT_READY_PREFIX: &str = "lbx: ready ";
 pub enum ScenarioError {
     #[error(transparent)]
     Bpffs(#[from] lb_user::bpffs::BpffsError),
+    #[error("the lab's control plane: {0}")]
+    ControlPlane(#[from] ControlPlaneError),
+    #[error("playing the kubelet: {0}")]
+    Kubelet(#[from] KubeletError),
+    #[error("{what} needs a lab with a control plane (LabSpec::control_plane)")]
+    NoControlPlane { what: &'static str },
+    #[error("{what} needs a lab fed from files (LabSpec::control_plane = false)")]
+    NotFileFed { what: &'static str },
     #[error(transparent)]
     Topology {
         #[from]
@@ -327,6 +337,11 @@ pub struct LabSpec {
     /// Start processes so that they can outlive this one ([`Lab::keep`]): no parent-death
     /// signal, own session, output in log files.
     pub detachable: bool,
+    /// Run the real control plane (etcd, kube-apiserver, kube-controller-manager) in the
+    /// lab's control namespace and the agents as `lb-user agent` against it, authenticated
+    /// with the `deploy/` ServiceAccount's token, instead of `standalone` with files. The
+    /// lab registers the Nodes; the Service and its Pods are the test's business.
+    pub control_plane: bool,
 }
 
 impl Default for LabSpec {
@@ -337,6 +352,7 @@ impl Default for LabSpec {
             resync_ms: 500,
             quiet: false,
             detachable: false,
+            control_plane: false,
         }
     }
 }
@@ -1045,7 +1061,11 @@ pub struct Lab {
     // Drop order (after Drop::drop stopped the agents): pod servers, then namespaces.
     agents: Vec<Agent>,
     pods: Vec<PodServer>,
+    /// The control plane runs in the topology's control namespace: it goes before it.
+    control: Option<ControlPlane>,
     topo: Option<Topology>,
+    /// Drives the kube-rs calls of the control-plane mode.
+    rt: Option<tokio::runtime::Runtime>,
     bins: Binaries,
     workdir: PathBuf,
     spec: LabSpec,
@@ -1066,14 +1086,18 @@ impl Lab {
         netns::preflight().map_err(netns_err("checking prerequisites"))?;
         ensure_bpffs()?;
         cleanup_stale_pins();
-        let topo = Topology::build(spec.topology.clone())?;
+        let mut topo_spec = spec.topology.clone();
+        topo_spec.control |= spec.control_plane;
+        let topo = Topology::build(topo_spec)?;
         let workdir = std::env::temp_dir().join(topo.prefix());
         std::fs::create_dir_all(&workdir)
             .map_err(io_err("creating the work directory", &workdir))?;
         let mut lab = Lab {
             agents: Vec::new(),
             pods: Vec::new(),
+            control: None,
             topo: Some(topo),
+            rt: None,
             bins,
             workdir,
             spec,
@@ -1081,8 +1105,92 @@ impl Lab {
         };
         lab.route_lb_ip()?;
         lab.start_podservers()?;
+        if lab.spec.control_plane {
+            lab.start_control_plane()?;
+        }
         lab.start_agents()?;
         Ok(lab)
+    }
+
+    /// The control plane in the control namespace, the Nodes registered (InternalIP = the
+    /// node's lab address), and `kubectl apply -k deploy/` (the agent's ServiceAccount and
+    /// RBAC, and its DaemonSet, which nothing runs here: the lab starts the agents itself).
+    fn start_control_plane(&mut self) -> Result<(), ScenarioError> {
+        let ctl_ns = self
+            .topology()
+            .control_ns()
+            .expect("the topology was built with a control namespace")
+            .to_string();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(io_err("starting a tokio runtime", "(none)"))?;
+        self.rt = Some(rt);
+        self.control = Some(ControlPlane::start(&ctl_ns, CONTROL_ADDR)?);
+        let nodes: Vec<(String, Ipv4Addr)> = (0..self.node_count())
+            .map(|i| (node_name(i), self.node_addr(i)))
+            .collect();
+        self.kube(|client| async move {
+            for (name, ip) in nodes {
+                kubelet::create_node(&client, &name, ip).await?;
+            }
+            Ok::<_, ScenarioError>(())
+        })??;
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let mut apply = self.control_plane()?.kubectl();
+        apply.arg("apply").arg("-k").arg(&deploy);
+        netns::output(&mut apply).map_err(netns_err("kubectl apply -k deploy/"))?;
+        Ok(())
+    }
+
+    /// The control plane (labs with [`LabSpec::control_plane`]).
+    pub fn control_plane(&self) -> Result<&ControlPlane, ScenarioError> {
+        self.control.as_ref().ok_or(ScenarioError::NoControlPlane {
+            what: "Lab::control_plane",
+        })
+    }
+
+    /// The control plane, for stopping and restarting the API server.
+    pub fn control_plane_mut(&mut self) -> Result<&mut ControlPlane, ScenarioError> {
+        self.control.as_mut().ok_or(ScenarioError::NoControlPlane {
+            what: "Lab::control_plane_mut",
+        })
+    }
+
+    /// Runs `f` with an admin client of the lab's API server (from the root namespace,
+    /// through the control plane's loopback forwarder) and waits for it.
+    pub fn kube<T, F, Fut>(&self, f: F) -> Result<T, ScenarioError>
+    where
+        F: FnOnce(kube::Client) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let cp = self.control_plane()?;
+        let rt = self
+            .rt
+            .as_ref()
+            .ok_or(ScenarioError::NoControlPlane { what: "Lab::kube" })?;
+        rt.block_on(async {
+            let client = cp.kube_client().await?;
+            Ok(f(client).await)
+        })
+    }
+
+    /// A token of the agent's ServiceAccount (`kube-system/lbx-agent` from deploy/) from
+    /// the TokenRequest API.
+    fn agent_token(&self) -> Result<String, ScenarioError> {
+        let mut cmd = self.control_plane()?.kubectl();
+        cmd.args([
+            "-n",
+            "kube-system",
+            "create",
+            "token",
+            "lbx-agent",
+            "--duration",
+            "2h",
+        ]);
+        let token = netns::output(&mut cmd).map_err(netns_err("kubectl create token"))?;
+        Ok(token.trim().to_string())
     }
 
     pub fn topology(&self) -> &Topology {
@@ -1241,26 +1349,52 @@ impl Lab {
     fn start_agents(&mut self) -> Result<(), ScenarioError> {
         let endpoints: Vec<EndpointSpec> =
             self.pods().into_iter().map(EndpointSpec::ready).collect();
+        let agent_kubeconfig = match &self.control {
+            Some(cp) => Some(cp.kubeconfig_with_token("lbx-agent", &self.agent_token()?)?),
+            None => None,
+        };
         for node in 0..self.node_count() {
             let name = node_name(node);
-            let config = self.workdir.join(format!("{name}.yaml"));
-            self.write_config(&config, &endpoints)?;
             let pin_dir = Path::new(PIN_ROOT).join(format!("{}-{name}", self.prefix()));
             let addr = self.node_addr(node).to_string();
+            let (source_args, config) = match &agent_kubeconfig {
+                Some(kubeconfig) => (
+                    vec![
+                        "agent".to_string(),
+                        "--kubeconfig".into(),
+                        kubeconfig.to_string_lossy().into_owned(),
+                        "--batch-ms".into(),
+                        "5".into(),
+                    ],
+                    kubeconfig.clone(),
+                ),
+                None => {
+                    let config = self.workdir.join(format!("{name}.yaml"));
+                    self.write_config(&config, &endpoints)?;
+                    (
+                        vec![
+                            "standalone".to_string(),
+                            "--config".into(),
+                            config.to_string_lossy().into_owned(),
+                            "--resync-ms".into(),
+                            self.spec.resync_ms.to_string(),
+                        ],
+                        config,
+                    )
+                }
+            };
             #[rustfmt::skip]
-            let args: Vec<String> = [
-                "standalone",
+            let node_args: Vec<String> = [
                 "--iface", NIC,
-                "--config", &config.to_string_lossy(),
                 "--node-name", &name,
                 "--node-addr", &addr,
                 "--snat-addr", &addr,
                 "--xdp-mode", &self.spec.xdp_mode,
                 "--pin-dir", &pin_dir.to_string_lossy(),
-                "--resync-ms", &self.spec.resync_ms.to_string(),
             ]
             .map(String::from)
             .to_vec();
+            let args: Vec<String> = source_args.into_iter().chain(node_args).collect();
             let ns = self.topology().node_ns(node).to_string();
             let logs = self.logs(&format!("agent-{name}"));
             let stderr_log = logs.stderr.clone();
@@ -1311,7 +1445,17 @@ impl Lab {
         node: usize,
         endpoints: &[EndpointSpec],
     ) -> Result<(), ScenarioError> {
+        if self.control.is_some() {
+            return Err(ScenarioError::NotFileFed {
+                what: "Lab::set_endpoints",
+            });
+        }
         self.write_config(&self.agents[node].config, endpoints)
+    }
+
+    /// Node `node`'s agent log (labs with [`LabSpec::quiet`] or `detachable`).
+    pub fn agent_log(&self, node: usize) -> Option<PathBuf> {
+        self.logs(&format!("agent-{}", node_name(node))).stderr
     }
 
     /// Whether node `node`'s agent still runs.
@@ -1464,6 +1608,11 @@ impl Lab {
         })
     }
 
+    /// Node `node`'s frontends and their backends (`lb-user targets`), as the CLI prints it.
+    pub fn targets(&self, node: usize) -> Result<serde_json::Value, ScenarioError> {
+        Ok(self.cli_json(node, "targets")?.1)
+    }
+
     /// Node `node`'s connection-tracking table (`lb-user conntrack`), as the CLI prints it.
     pub fn conntrack(&self, node: usize) -> Result<serde_json::Value, ScenarioError> {
         Ok(self.cli_json(node, "conntrack")?.1)
@@ -1541,6 +1690,8 @@ impl Lab {
         for pod in std::mem::take(&mut self.pods) {
             pod.proc.stop();
         }
+        drop(self.control.take());
+        drop(self.rt.take());
         drop(self.topo.take());
         if let Err(e) = std::fs::remove_dir_all(&self.workdir) {
             problems.push(format!("cannot remove {}: {e}", self.workdir.display()));
@@ -1623,6 +1774,8 @@ impl Drop for Lab {
         for pod in std::mem::take(&mut self.pods) {
             pod.proc.stop();
         }
+        drop(self.control.take());
+        drop(self.rt.take());
         drop(self.topo.take());
         if self.workdir.exists() {
             if let Err(e) = std::fs::remove_dir_all(&self.workdir) {

@@ -4,11 +4,13 @@
 //! namespace is removed when the [`Topology`] drops.
 //!
 //! Addressing (i = node, k = pod, both 0-based):
-//! - subnet 10.77.0.0/24: client 10.77.0.100, node i 10.77.0.(10+i)
+//! - subnet 10.77.0.0/24: client 10.77.0.100, node i 10.77.0.(10+i), and with
+//!   [`TopologySpec::control`] the control namespace `<prefix>-ctl` at 10.77.0.2 (where the
+//!   real API server of [`crate::controlplane`] runs)
 //! - pods of node i: 10.77.(i+1).(k+10)/32, gateway 10.77.(i+1).1 (on every `p<k>` of node i)
 //! - MACs are fixed and locally administered so packet fixtures can name them: client
 //!   02:77:00:00:00:64, node eth0 02:77:00:00:00:(10+i), pod eth0 02:77:(i+1):00:00:(k+10),
-//!   pod host side `p<k>` 02:77:(i+1):00:01:(k+10).
+//!   pod host side `p<k>` 02:77:(i+1):00:01:(k+10), control eth0 02:77:00:00:00:02.
 //!
 //! Offloads are set for XDP: TX checksum offload off wherever packets start or cross (XDP
 //! rewrites checksums incrementally, which needs complete ones, not CHECKSUM_PARTIAL), and
@@ -27,6 +29,8 @@ pub const LAN_PREFIX_LEN: u8 = 24;
 pub const NIC: &str = "eth0";
 /// The bridge in the `<prefix>-net` namespace.
 pub const BRIDGE: &str = "br0";
+/// Address of the control namespace on the lab subnet (the API server's address).
+pub const CONTROL_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 
 /// Node addresses are 10.77.0.(10+i) and must stay below the client's .100.
 const MAX_NODES: usize = 90;
@@ -68,6 +72,9 @@ fn kernel_hint(e: &NetnsError) -> &'static str {
 pub struct TopologySpec {
     pub nodes: usize,
     pub pods_per_node: Vec<usize>,
+    /// Also build the control namespace `<prefix>-ctl` at [`CONTROL_ADDR`] on the bridge,
+    /// routed to the pod subnets like the client.
+    pub control: bool,
 }
 
 impl Default for TopologySpec {
@@ -83,7 +90,14 @@ impl TopologySpec {
         TopologySpec {
             nodes,
             pods_per_node: vec![pods; nodes],
+            control: false,
         }
+    }
+
+    /// The same lab plus the control namespace (see [`TopologySpec::control`]).
+    pub fn with_control(mut self) -> Self {
+        self.control = true;
+        self
     }
 
     fn validate(&self) -> Result<(), TopologyError> {
@@ -140,6 +154,7 @@ pub struct Topology {
     prefix: String,
     // Field order is drop order: pods and nodes go first, the bridge namespace last.
     nodes: Vec<Node>,
+    control: Option<Host>,
     client: Host,
     net: NetNs,
 }
@@ -366,6 +381,14 @@ impl Topology {
         let client_mac = [0x02, 0x77, 0, 0, 0, 100];
         let client = b.attach_host(&net, client_ns, "c0", client_addr_of(), client_mac, false)?;
 
+        let control = if spec.control {
+            let ns = b.ns("ctl")?;
+            let mac = [0x02, 0x77, 0, 0, 0, 2];
+            Some(b.attach_host(&net, ns, "ctl0", CONTROL_ADDR, mac, false)?)
+        } else {
+            None
+        };
+
         let mut nodes = Vec::with_capacity(spec.nodes);
         for i in 0..spec.nodes {
             let ns = b.ns(&format!("n{i}"))?;
@@ -389,14 +412,17 @@ impl Topology {
             nodes.push(Node { host, pods });
         }
 
-        // VPC routing: each pod subnet lives behind its node, for the client and the others.
+        // VPC routing: each pod subnet lives behind its node, for the client, the control
+        // namespace and the other nodes.
         for (j, owner) in nodes.iter().enumerate() {
             let subnet = format!("{}/24", pod_subnet_of(j));
             let via = owner.host.addr.to_string();
-            b.ip(
-                &client.ns,
-                &["route", "add", &subnet, "via", &via, "dev", NIC],
-            )?;
+            for host in std::iter::once(&client).chain(&control) {
+                b.ip(
+                    &host.ns,
+                    &["route", "add", &subnet, "via", &via, "dev", NIC],
+                )?;
+            }
             for (i, other) in nodes.iter().enumerate() {
                 if i != j {
                     b.ip(
@@ -410,6 +436,7 @@ impl Topology {
         Ok(Topology {
             prefix,
             nodes,
+            control,
             client,
             net,
         })
@@ -429,6 +456,15 @@ impl Topology {
     /// The bridge namespace (`<prefix>-net`).
     pub fn net_ns(&self) -> &str {
         self.net.name()
+    }
+
+    /// The control namespace `<prefix>-ctl` (at [`CONTROL_ADDR`]), if the spec asked for it.
+    pub fn control_ns(&self) -> Option<&str> {
+        self.control.as_ref().map(|h| h.ns.name())
+    }
+    /// The control namespace's address, if the spec asked for it: [`CONTROL_ADDR`].
+    pub fn control_addr(&self) -> Option<Ipv4Addr> {
+        self.control.as_ref().map(|h| h.addr)
     }
 
     pub fn client_ns(&self) -> &str {
@@ -492,6 +528,7 @@ impl Topology {
     /// Every namespace name of this topology.
     pub fn namespaces(&self) -> Vec<&str> {
         let mut names = vec![self.net.name(), self.client.ns.name()];
+        names.extend(self.control_ns());
         for node in &self.nodes {
             names.push(node.host.ns.name());
             names.extend(node.pods.iter().map(|p| p.ns.name()));
@@ -537,8 +574,11 @@ mod tests {
         let short = TopologySpec {
             nodes: 3,
             pods_per_node: vec![1, 1],
+            control: false,
         };
         assert!(short.validate().is_err());
+        assert!(!TopologySpec::default().control);
+        assert!(TopologySpec::uniform(1, 1).with_control().control);
     }
 
     #[test]

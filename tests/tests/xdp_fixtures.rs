@@ -332,7 +332,7 @@ fn malformed(description: &'static str, input: Vec<u8>, reason: Reason) -> Row {
 
 /// Appends Ethernet trailer bytes (padding beyond the IP total length).
 fn pad(mut frame: Vec<u8>, n: usize) -> Vec<u8> {
-    frame.extend(std::iter::repeat(0xee).take(n));
+    frame.extend(std::iter::repeat_n(0xee, n));
     frame
 }
 

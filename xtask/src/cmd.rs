@@ -79,3 +79,16 @@ fn spawn_error(cmd: &Command, source: io::Error) -> CmdError {
         source,
     }
 }
+
+/// `$XDG_CACHE_HOME`, else `~/.cache`: the base of every xtask cache (`<base>/lbx/...`);
+/// None when neither is set.
+pub fn cache_base() -> Option<std::path::PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|home| std::path::PathBuf::from(home).join(".cache"))
+        })
+}

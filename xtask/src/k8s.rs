@@ -30,8 +30,23 @@ use crate::cmd::{self, CmdError};
 /// so go refuses them, while 1.34.10's are complete for everything the build needs.
 pub const DEFAULT_VERSION: &str = "1.34.10";
 
-/// The commands we build, each from `k8s.io/kubernetes/cmd/<name>`.
-pub const BINARIES: [&str; 3] = ["kube-apiserver", "kube-controller-manager", "kube-proxy"];
+/// The commands we build, each from `k8s.io/kubernetes/cmd/<name>`. kubectl is built too so
+/// `kubectl apply --dry-run=server -k deploy/` uses a client of the same release as the server.
+pub const BINARIES: [&str; 4] = [
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-proxy",
+    "kubectl",
+];
+
+/// The arguments that make `name` print its version line.
+fn version_args(name: &str) -> &'static [&'static str] {
+    if name == "kubectl" {
+        &["version", "--client"]
+    } else {
+        &["--version"]
+    }
+}
 
 const KUBERNETES_MODULE: &str = "k8s.io/kubernetes";
 /// Where k8s.io/kubernetes' go.mod points the modules it develops in-tree.
@@ -322,15 +337,7 @@ pub struct K8sCache {
 impl K8sCache {
     /// `$XDG_CACHE_HOME/lbx/k8s/<version>`, else `~/.cache/lbx/k8s/<version>`.
     pub fn for_version(version: KubeVersion) -> Result<Self, K8sError> {
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME")
-                    .filter(|v| !v.is_empty())
-                    .map(|home| PathBuf::from(home).join(".cache"))
-            })
-            .ok_or(K8sError::NoCacheDir)?;
+        let base = cmd::cache_base().ok_or(K8sError::NoCacheDir)?;
         Ok(Self {
             root: base.join("lbx").join("k8s").join(version.to_string()),
         })
@@ -622,9 +629,18 @@ fn verify_binaries(cache: &K8sCache, version: KubeVersion) -> Result<(), K8sErro
                 source: io::ErrorKind::NotFound.into(),
             });
         }
-        let output = cmd::output(Command::new(&binary).arg("--version"))?;
-        let got = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-        if !output.status.success() || got != expected {
+        let output = cmd::output(Command::new(&binary).args(version_args(name)))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        // kubectl prints "Client Version: v1.34.10" and a Kustomize line.
+        let got = stdout
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .trim_start_matches("Client Version: ")
+            .to_owned();
+        let want = expected.trim_start_matches("Kubernetes ");
+        if !output.status.success() || (got != expected && got != want) {
             return Err(K8sError::WrongVersion {
                 binary,
                 expected,

@@ -12,12 +12,16 @@ use crate::cmd::{self, CmdError};
 pub enum Suite {
     /// instance vs XDP vs direct pod IP paths through the lab (see DESIGN.md, "The lab").
     Xdp,
+    /// Agent sync time, update latency and memory at 1 to 10 000 Services against a real API
+    /// server, with kube-proxy's sync of the same state as the reference.
+    Agent,
 }
 
 impl Suite {
     pub fn binary(self) -> &'static str {
         match self {
             Suite::Xdp => "bench-xdp",
+            Suite::Agent => "bench-agent",
         }
     }
 }

@@ -1,7 +1,15 @@
 //! `cargo xtask setup`: installs, idempotently, what a fresh Debian bookworm machine needs to
 //! build the BPF programs and run the tests (see ../shared/TOOLCHAIN.md for why each piece).
+//!
+//! etcd is the exception to "install with apt": installing etcd-server would also enable and
+//! start a system etcd that nobody asked for. Its package is downloaded and unpacked into
+//! `~/.cache/lbx/etcd/<debian-version>/` instead, and the tests run `<that>/usr/bin/etcd`.
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use lb_ebpf_build::{find_on_path, BPF_LINKER};
 
@@ -26,6 +34,11 @@ pub const APT_PACKAGES: &[&str] = &[
     "conntrack",
     "tcpdump",
 ];
+
+/// The Debian package holding the etcd server binary the control-plane tests run.
+pub const ETCD_PACKAGE: &str = "etcd-server";
+/// Where the package puts the binary, relative to the unpacked tree.
+const ETCD_BINARY: &str = "usr/bin/etcd";
 
 /// Newer bpf-linker releases need a newer rustc than the machines have.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -71,12 +84,44 @@ pub enum SetupError {
         cargo_bin.display()
     )]
     LinkerNotOnPath { found: String, cargo_bin: PathBuf },
+    #[error(
+        "apt knows no installable version of {ETCD_PACKAGE}{detail}; run `apt-get update` as \
+         root and check that the bookworm main repository is configured"
+    )]
+    EtcdUnknown { detail: String },
+    #[error("neither XDG_CACHE_HOME nor HOME is set; set HOME so etcd has a cache directory")]
+    NoCacheDir,
+    #[error("cannot {action} {}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("fetching {ETCD_PACKAGE} {version} failed; check the apt/dpkg output above")]
+    EtcdFetch {
+        version: String,
+        #[source]
+        source: CmdError,
+    },
+    #[error(
+        "{} is not a working etcd {version} ({detail}); delete {} and re-run `cargo xtask setup`",
+        binary.display(),
+        dir.display()
+    )]
+    EtcdBroken {
+        version: String,
+        binary: PathBuf,
+        dir: PathBuf,
+        detail: String,
+    },
 }
 
 /// Installs what is missing, printing one line per step.
 pub fn run() -> Result<(), SetupError> {
     apt_packages()?;
     bpf_linker()?;
+    etcd()?;
     Ok(())
 }
 
@@ -176,6 +221,159 @@ fn parse_linker_version(text: &str) -> Option<String> {
     words.next().map(str::to_owned)
 }
 
+/// Makes sure apt's candidate version of etcd-server is unpacked under
+/// `~/.cache/lbx/etcd/<version>/` (without installing the package) and returns the path of its
+/// `usr/bin/etcd`. A version already unpacked is reused, so a second call costs one
+/// `apt-cache policy`.
+pub fn etcd() -> Result<PathBuf, SetupError> {
+    let version = etcd_candidate()?;
+    let step = format!("setup: {ETCD_PACKAGE} {version} (unpacked, not installed)");
+    let dir = cache_dir()?.join("lbx").join("etcd").join(&version);
+    let binary = dir.join(ETCD_BINARY);
+    if binary.is_file() {
+        check_etcd(&binary, &dir, &version)?;
+        println!("{step}: ok (cached)");
+        return Ok(binary);
+    }
+    println!("{step}: downloading into {} ...", dir.display());
+    let parent = dir.parent().expect("dir has the etcd directory as parent");
+    let staging = parent.join(format!(".{version}.partial-{}", std::process::id()));
+    let result = fetch_etcd(&version, &staging).and_then(|()| {
+        match fs::rename(&staging, &dir) {
+            Ok(()) => Ok(()),
+            // A concurrent setup finished first: its copy is as good as ours.
+            Err(_) if binary.is_file() => Ok(()),
+            Err(source) => Err(SetupError::Io {
+                action: "move the unpacked etcd into",
+                path: dir.clone(),
+                source,
+            }),
+        }
+    });
+    // The staging directory only survives a failure; never leave it behind.
+    let _ = fs::remove_dir_all(&staging);
+    result?;
+    check_etcd(&binary, &dir, &version)?;
+    Ok(binary)
+}
+
+/// The version `apt-get download etcd-server` would fetch; runs `apt-get update` once (as
+/// root) if apt knows none yet, e.g. on a fresh machine whose package lists are empty.
+fn etcd_candidate() -> Result<String, SetupError> {
+    let policy = || -> Result<Option<String>, SetupError> {
+        let out = cmd::output(Command::new("apt-cache").args(["policy", ETCD_PACKAGE]))
+            .map_err(|source| SetupError::NoDpkg { source })?;
+        Ok(parse_candidate(&String::from_utf8_lossy(&out.stdout)))
+    };
+    if let Some(version) = policy()? {
+        return Ok(version);
+    }
+    if !cmd::is_root() {
+        return Err(SetupError::EtcdUnknown {
+            detail: " (and refreshing the package lists needs root)".into(),
+        });
+    }
+    cmd::run(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(std::process::Stdio::null()),
+    )
+    .map_err(|source| SetupError::Apt { source })?;
+    policy()?.ok_or(SetupError::EtcdUnknown {
+        detail: " even after `apt-get update`".into(),
+    })
+}
+
+/// "Candidate: 3.4.23-4+b4" from `apt-cache policy PACKAGE`; None for "(none)" or no line.
+fn parse_candidate(policy: &str) -> Option<String> {
+    policy
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Candidate:"))
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && *v != "(none)")
+        .map(str::to_owned)
+}
+
+/// `apt-get download` + `dpkg-deb -x` of exactly `version` into `staging`.
+fn fetch_etcd(version: &str, staging: &Path) -> Result<(), SetupError> {
+    let _ = fs::remove_dir_all(staging);
+    let download = staging.join("deb");
+    fs::create_dir_all(&download).map_err(|source| SetupError::Io {
+        action: "create",
+        path: download.clone(),
+        source,
+    })?;
+    let fetch = |source| SetupError::EtcdFetch {
+        version: version.to_owned(),
+        source,
+    };
+    // Root's apt drops to the _apt user for downloads, which cannot write our directory.
+    cmd::run(
+        Command::new("apt-get")
+            .args(["-q", "-o", "APT::Sandbox::User=root", "download"])
+            .arg(format!("{ETCD_PACKAGE}={version}"))
+            .current_dir(&download)
+            .stdin(std::process::Stdio::null()),
+    )
+    .map_err(fetch)?;
+    let deb = fs::read_dir(&download)
+        .map_err(|source| SetupError::Io {
+            action: "list",
+            path: download.clone(),
+            source,
+        })?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| SetupError::EtcdBroken {
+            version: version.to_owned(),
+            binary: download.join("*.deb"),
+            dir: staging.to_owned(),
+            detail: "apt-get download left no .deb file".into(),
+        })?;
+    cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(staging)).map_err(fetch)?;
+    fs::remove_dir_all(&download).map_err(|source| SetupError::Io {
+        action: "remove",
+        path: download,
+        source,
+    })
+}
+
+/// `etcd --version` must run and name the upstream part of the Debian version
+/// ("3.4.23-4+b4" -> "etcd Version: 3.4.23").
+fn check_etcd(binary: &Path, dir: &Path, version: &str) -> Result<(), SetupError> {
+    let broken = |detail: String| SetupError::EtcdBroken {
+        version: version.to_owned(),
+        binary: binary.to_owned(),
+        dir: dir.to_owned(),
+        detail,
+    };
+    let out =
+        cmd::output(Command::new(binary).arg("--version")).map_err(|e| broken(e.to_string()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let want = format!("etcd Version: {}", upstream_version(version));
+    if !out.status.success() || !stdout.lines().any(|l| l.trim() == want) {
+        return Err(broken(format!(
+            "`--version` exited with {} and printed {:?}, expected a line {want:?}",
+            out.status,
+            stdout.trim()
+        )));
+    }
+    Ok(())
+}
+
+/// The upstream part of a Debian version: no epoch, no Debian revision.
+fn upstream_version(debian: &str) -> &str {
+    let no_epoch = debian.split_once(':').map_or(debian, |(_, v)| v);
+    no_epoch.rsplit_once('-').map_or(no_epoch, |(v, _)| v)
+}
+
+/// The cache base `cargo xtask k8s-build` uses too.
+fn cache_dir() -> Result<PathBuf, SetupError> {
+    cmd::cache_base().ok_or(SetupError::NoCacheDir)
+}
+
 /// Where `cargo install` puts binaries.
 fn cargo_bin_dir() -> PathBuf {
     std::env::var_os("CARGO_HOME")
@@ -198,6 +396,25 @@ mod tests {
         assert!(!is_installed(removed));
         assert!(!is_installed(half));
         assert!(!is_installed(""));
+    }
+
+    #[test]
+    fn etcd_candidate_parsed_from_policy() {
+        let policy = "etcd-server:\n  Installed: (none)\n  Candidate: 3.4.23-4+b4\n  \
+                      Version table:\n     3.4.23-4+b4 500\n";
+        assert_eq!(parse_candidate(policy).as_deref(), Some("3.4.23-4+b4"));
+        assert_eq!(
+            parse_candidate("etcd-server:\n  Installed: (none)\n  Candidate: (none)\n"),
+            None
+        );
+        assert_eq!(parse_candidate(""), None);
+    }
+
+    #[test]
+    fn upstream_version_drops_epoch_and_revision() {
+        assert_eq!(upstream_version("3.4.23-4+b4"), "3.4.23");
+        assert_eq!(upstream_version("1:3.5.0-1"), "3.5.0");
+        assert_eq!(upstream_version("3.4.23"), "3.4.23");
     }
 
     #[test]

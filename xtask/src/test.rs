@@ -1,14 +1,20 @@
 //! `cargo xtask test`: the project's one test command, run by developers, the README and CI.
 
 use std::{
+    path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
 
 use crate::{
     cmd::{self, CmdError},
+    k8s::{self, K8sError, KubeVersion},
     setup::{self, SetupError},
 };
+
+/// Where the control-plane fixture (lb-tests' `controlplane` module) finds its binaries.
+pub const K8S_BIN_DIR_ENV: &str = "LBX_K8S_BIN_DIR";
+pub const ETCD_BIN_ENV: &str = "LBX_ETCD_BIN";
 
 /// The integration-test crate: its tests create network namespaces and attach programs, so
 /// they run one at a time.
@@ -25,6 +31,15 @@ pub enum TestError {
     Setup {
         #[source]
         source: SetupError,
+    },
+    #[error(
+        "building Kubernetes {} for the control-plane tests failed; `cargo xtask k8s-build` \
+         shows the same error on its own",
+        k8s::DEFAULT_VERSION
+    )]
+    K8s {
+        #[source]
+        source: K8sError,
     },
     #[error("{} of {total} test steps failed: {}", failed.len(), failed.join(", "))]
     StepsFailed { failed: Vec<String>, total: usize },
@@ -43,8 +58,9 @@ pub fn run() -> Result<(), TestError> {
         return Err(TestError::NotRoot);
     }
     setup::run().map_err(|source| TestError::Setup { source })?;
+    let binaries = control_plane_binaries()?;
     let started = Instant::now();
-    let steps = steps();
+    let steps = steps(&binaries);
     let total = steps.len();
     let mut failed = Vec::new();
     for Step { name, mut command } in steps {
@@ -68,8 +84,24 @@ pub fn run() -> Result<(), TestError> {
     }
 }
 
+/// The binaries the real-API-server tests run, exported to every step.
+struct ControlPlaneBinaries {
+    k8s_bin_dir: PathBuf,
+    etcd: PathBuf,
+}
+
+/// Builds (or finds cached) the Kubernetes binaries and unpacks (or finds cached) etcd.
+fn control_plane_binaries() -> Result<ControlPlaneBinaries, TestError> {
+    let version: KubeVersion = k8s::DEFAULT_VERSION
+        .parse()
+        .map_err(|source| TestError::K8s { source })?;
+    let k8s_bin_dir = k8s::run(version).map_err(|source| TestError::K8s { source })?;
+    let etcd = setup::etcd().map_err(|source| TestError::Setup { source })?;
+    Ok(ControlPlaneBinaries { k8s_bin_dir, etcd })
+}
+
 /// Release builds so BPF and namespace tests run at realistic speed.
-fn steps() -> Vec<Step> {
+fn steps(binaries: &ControlPlaneBinaries) -> Vec<Step> {
     let mut crates = cmd::cargo();
     crates.args([
         "test",
@@ -91,7 +123,10 @@ fn steps() -> Vec<Step> {
     fmt.args(["fmt", "--all", "--", "--check"]);
     let root = cmd::workspace_root();
     for command in [&mut crates, &mut integration, &mut fmt] {
-        command.current_dir(&root);
+        command
+            .current_dir(&root)
+            .env(K8S_BIN_DIR_ENV, &binaries.k8s_bin_dir)
+            .env(ETCD_BIN_ENV, &binaries.etcd);
     }
     vec![
         Step {
@@ -134,7 +169,7 @@ mod tests {
 
     #[test]
     fn integration_tests_run_serially_and_are_not_run_twice() {
-        let steps = steps();
+        let steps = steps(&binaries());
         let args = |i: usize| -> Vec<String> {
             steps[i]
                 .command
@@ -156,6 +191,39 @@ mod tests {
             Some("--test-threads=1")
         );
         assert_eq!(args(2), ["fmt", "--all", "--", "--check"]);
+    }
+
+    fn binaries() -> ControlPlaneBinaries {
+        ControlPlaneBinaries {
+            k8s_bin_dir: PathBuf::from("/cache/k8s/bin"),
+            etcd: PathBuf::from("/cache/etcd/usr/bin/etcd"),
+        }
+    }
+
+    #[test]
+    fn control_plane_binaries_are_exported_to_every_step() {
+        for step in steps(&binaries()) {
+            let envs: Vec<(String, String)> = step
+                .command
+                .get_envs()
+                .filter_map(|(k, v)| {
+                    Some((
+                        k.to_string_lossy().into_owned(),
+                        v?.to_string_lossy().into_owned(),
+                    ))
+                })
+                .collect();
+            assert!(
+                envs.contains(&(K8S_BIN_DIR_ENV.into(), "/cache/k8s/bin".into())),
+                "{}: {envs:?}",
+                step.name
+            );
+            assert!(
+                envs.contains(&(ETCD_BIN_ENV.into(), "/cache/etcd/usr/bin/etcd".into())),
+                "{}: {envs:?}",
+                step.name
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,235 @@
+//! The three reflectors (Services, EndpointSlices, Nodes) and what they tell the control loop.
+//!
+//! Each reflector is a kube-rs watcher with the default exponential backoff feeding a
+//! reflector store. Its events are forwarded to the control loop as [`Change`]s:
+//! - `Apply`/`Delete` of one object: the Service it belongs to is dirty;
+//! - `InitDone`: a full (re)list finished (start-up, reconnect after the API server went away,
+//!   or a 410 Gone relist); the store now holds exactly the listed objects, so the loop
+//!   recomputes everything and stale map entries disappear in the next apply.
+//!
+//! Errors never end a watcher: they are logged (with the 410 case named) and counted, and the
+//! backoff retries. While the API server is unreachable the stores keep the last state and so
+//! do the maps.
+
+use std::fmt::Debug;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt as _;
+use kube::{Api, Client, Resource, ResourceExt as _};
+use log::{info, warn};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use crate::translate::{ACCELERATE_ANNOTATION, SERVICE_NAME_LABEL};
+
+/// Which reflector an event came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Service => "services",
+            Kind::EndpointSlice => "endpointslices",
+            Kind::Node => "nodes",
+        }
+    }
+}
+
+/// (namespace, name) of a Service.
+pub type ServiceKey = (String, String);
+
+/// What the control loop needs to hear.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// This Service changed or went away.
+    Service(ServiceKey),
+    /// An EndpointSlice of this Service changed or went away.
+    Slice(ServiceKey),
+    /// A Node changed or went away (node addresses, this node's existence).
+    Node,
+    /// A full list of this kind is in its store.
+    Synced(Kind),
+}
+
+/// Watch errors per kind, for logs and tests.
+#[derive(Debug, Default)]
+pub struct WatchStats {
+    pub errors: AtomicU64,
+    pub gone_relists: AtomicU64,
+}
+
+/// The stores the control loop reads.
+#[derive(Clone)]
+pub struct Stores {
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    pub nodes: Store<Node>,
+}
+
+/// Starts the three reflectors on the current tokio runtime; their changes arrive on `tx`.
+pub fn spawn(client: &Client, tx: mpsc::UnboundedSender<Change>, stats: Arc<WatchStats>) -> Stores {
+    let services = spawn_one::<Service>(
+        Api::all(client.clone()),
+        Kind::Service,
+        tx.clone(),
+        stats.clone(),
+        |svc| Some(service_key(svc)),
+        trim_service,
+    );
+    let slices = spawn_one::<EndpointSlice>(
+        Api::all(client.clone()),
+        Kind::EndpointSlice,
+        tx.clone(),
+        stats.clone(),
+        slice_service_key,
+        trim_slice,
+    );
+    let nodes = spawn_one::<Node>(
+        Api::all(client.clone()),
+        Kind::Node,
+        tx,
+        stats,
+        |_| None,
+        trim_node,
+    );
+    Stores {
+        services,
+        slices,
+        nodes,
+    }
+}
+
+pub fn service_key(svc: &Service) -> ServiceKey {
+    (
+        svc.namespace().unwrap_or_else(|| "default".into()),
+        svc.name_any(),
+    )
+}
+
+/// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label).
+pub fn slice_service_key(slice: &EndpointSlice) -> Option<ServiceKey> {
+    let svc = slice.labels().get(SERVICE_NAME_LABEL)?;
+    Some((
+        slice.namespace().unwrap_or_else(|| "default".into()),
+        svc.clone(),
+    ))
+}
+
+/// Memory: the agent holds every Service and EndpointSlice of the cluster. Managed fields
+/// and annotations we never read are most of an object's size.
+fn trim_service(svc: &mut Service) {
+    svc.managed_fields_mut().clear();
+    svc.annotations_mut()
+        .retain(|k, _| k == ACCELERATE_ANNOTATION);
+}
+
+fn trim_slice(slice: &mut EndpointSlice) {
+    slice.managed_fields_mut().clear();
+    slice.annotations_mut().clear();
+    for ep in &mut slice.endpoints {
+        ep.target_ref = None;
+        ep.hints = None;
+    }
+}
+
+fn trim_node(node: &mut Node) {
+    node.managed_fields_mut().clear();
+    node.annotations_mut().clear();
+    node.labels_mut().clear();
+    if let Some(status) = node.status.as_mut() {
+        status.images = None;
+        status.volumes_attached = None;
+        status.volumes_in_use = None;
+        status.node_info = None;
+        status.capacity = None;
+        status.allocatable = None;
+    }
+    node.spec = None;
+}
+
+fn spawn_one<K>(
+    api: Api<K>,
+    kind: Kind,
+    tx: mpsc::UnboundedSender<Change>,
+    stats: Arc<WatchStats>,
+    key_of: fn(&K) -> Option<ServiceKey>,
+    trim: fn(&mut K),
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store::<K>();
+    let stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(trim)
+        .reflect(writer);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut failing = false;
+        while let Some(item) = stream.next().await {
+            let change = match item {
+                Ok(Event::Apply(obj)) | Ok(Event::Delete(obj)) => match kind {
+                    Kind::Node => Some(Change::Node),
+                    Kind::Service => key_of(&obj).map(Change::Service),
+                    Kind::EndpointSlice => key_of(&obj).map(Change::Slice),
+                },
+                Ok(Event::Init) => None,
+                Ok(Event::InitApply(_)) => None,
+                Ok(Event::InitDone) => {
+                    if failing {
+                        info!("watch of {} is back: relisted", kind.plural());
+                        failing = false;
+                    }
+                    Some(Change::Synced(kind))
+                }
+                Err(e) => {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    let text = e.to_string();
+                    if is_gone(&e) {
+                        stats.gone_relists.fetch_add(1, Ordering::Relaxed);
+                        warn!(
+                            "watch of {} expired (410 Gone: {text}); relisting",
+                            kind.plural()
+                        );
+                    } else if !failing {
+                        warn!(
+                            "watch of {} failed: {text}; keeping the last state and retrying \
+                             with backoff",
+                            kind.plural()
+                        );
+                    }
+                    failing = true;
+                    None
+                }
+            };
+            if let Some(change) = change {
+                if tx.send(change).is_err() {
+                    return; // the control loop is gone: shutting down
+                }
+            }
+        }
+    });
+    reader
+}
+
+/// A 410 Gone from the API server: our resourceVersion is older than it keeps.
+fn is_gone(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::WatchError(status) => status.code == 410,
+        other => {
+            let text = other.to_string();
+            text.contains("410") || text.contains("too old resource version")
+        }
+    }
+}
