@@ -166,9 +166,15 @@ const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 /// `RevNatEntry::flags`: the entry undoes SNAT (a reply to a flow forwarded to a remote node).
 pub const REV_SNAT: u8 = 1;
 /// `RevNatEntry::flags`: the flow saw FIN or RST at `stamp_s`; after `Config::close_grace_s`
-/// the entry no longer translates (a later connection on the same tuple is not ours) and its
-/// SNAT port is free again.
+/// the entry no longer translates (a later connection on the same tuple is not ours), and
+/// after [`SNAT_TIME_WAIT_S`] its SNAT port is free again.
 pub const REV_CLOSING: u8 = 2;
+
+/// Seconds a closed flow's SNAT port stays taken (netfilter's TCP TIME_WAIT timeout). The
+/// backend holds TIME_WAIT for the old tuple for up to 60 s (Linux); a new connection from
+/// another client on the same SNAT tuple carries that client's TCP timestamps, which PAWS
+/// rejects half of the time (a lost SYN, a one-second stall).
+pub const SNAT_TIME_WAIT_S: u32 = 120;
 
 /// `CtEntry::flags`: the flow is SNATed to a remote backend.
 pub const CT_SNAT: u8 = 1;

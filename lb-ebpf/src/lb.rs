@@ -6,7 +6,7 @@ use lb_common::{
     hash::{client_hash, flow_hash},
     port_be, port_host, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, Frontend,
     FrontendKey, Reason, RevNatEntry, BE_ACTIVE, BE_LOCAL, BE_TERMINATING, CT_CLOSING, CT_SNAT,
-    FE_AFFINITY, REV_CLOSING, REV_SNAT,
+    FE_AFFINITY, REV_CLOSING, REV_SNAT, SNAT_TIME_WAIT_S,
 };
 
 use crate::{
@@ -170,16 +170,22 @@ fn revnat_closing(rev: *mut RevNatEntry, now_s: u32) {
     }
 }
 
-/// A reply's reverse-NAT entry, unless its flow closed more than `close_grace_s` ago (then
-/// the entry is deleted: the tuple now belongs to some other connection, e.g. the client
-/// talking to the pod directly). A FIN or RST in the reply marks the flow closing, in the
-/// reverse-NAT entry and in the client's ct entry.
+/// A reply's reverse-NAT entry, unless its flow closed more than `close_grace_s` ago, or
+/// closed at all and this is a SYN-ACK (then the entry is deleted: the tuple now belongs to
+/// some other connection, e.g. the client talking to the pod directly, or kube-proxy's
+/// masquerade picking the same node port). A FIN or RST in the reply marks the flow
+/// closing, in the reverse-NAT entry and in the client's ct entry.
 #[inline(always)]
 pub fn revnat_lookup(cfg: &Config, p: &Parsed, key: &CtKey) -> Option<*mut RevNatEntry> {
     let rev = REVNAT.get_ptr_mut(key)?;
     let flags = unsafe { (*rev).flags };
-    if flags & REV_CLOSING != 0 && closed_for(unsafe { (*rev).stamp_s }) > cfg.close_grace_s {
-        let _ = REVNAT.remove(key);
+    if flags & REV_CLOSING != 0
+        && (p.is_syn() || closed_for(unsafe { (*rev).stamp_s }) > cfg.close_grace_s)
+    {
+        // A SNAT entry stays (its port taken) until SNAT_TIME_WAIT_S; snat_alloc ages it.
+        if flags & REV_SNAT == 0 {
+            let _ = REVNAT.remove(key);
+        }
         return None;
     }
     if p.is_fin_or_rst() && flags & REV_CLOSING == 0 {
@@ -334,7 +340,7 @@ fn snat_alloc(cfg: &Config, p: &Parsed, be: &Backend, rev: &mut RevNatEntry) -> 
         }
         if let Some(old) = unsafe { REVNAT.get(&rkey) } {
             let age = now_s.wrapping_sub(old.stamp_s);
-            let free = age > cfg.snat_idle_s || (old.flags & REV_CLOSING != 0 && age > cfg.close_grace_s);
+            let free = age > cfg.snat_idle_s || (old.flags & REV_CLOSING != 0 && age > SNAT_TIME_WAIT_S);
             if free && REVNAT.insert(&rkey, &*rev, 0).is_ok() {
                 return Ok(port_be(port));
             }

@@ -342,6 +342,18 @@ pub struct LabSpec {
     /// with the `deploy/` ServiceAccount's token, instead of `standalone` with files. The
     /// lab registers the Nodes; the Service and its Pods are the test's business.
     pub control_plane: bool,
+    /// Extra arguments for every agent (e.g. `--max-services N --maglev-size M`).
+    pub agent_args: Vec<String>,
+    /// Give every node a dedicated SNAT address ([`snat_addr_of`], a /32 on its eth0) for
+    /// the agent's `--snat-addr`, instead of the node address. Needed where the kernel also
+    /// NATs to the node address (kube-proxy's masquerade): its port choices cannot collide
+    /// with the agent's SNAT flows then.
+    pub dedicated_snat: bool,
+}
+
+/// The dedicated SNAT address of node `i` ([`LabSpec::dedicated_snat`]): 10.77.0.(150+i).
+pub fn snat_addr_of(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, 0, 150 + i as u8)
 }
 
 impl Default for LabSpec {
@@ -353,6 +365,8 @@ impl Default for LabSpec {
             quiet: false,
             detachable: false,
             control_plane: false,
+            agent_args: Vec::new(),
+            dedicated_snat: false,
         }
     }
 }
@@ -937,6 +951,14 @@ impl NftProbe {
     }
 }
 
+impl Drop for NftProbe {
+    /// Removes the table, so a later probe in the same namespace starts from zero.
+    fn drop(&mut self) {
+        // The namespace may already be gone (the lab tore down first): nothing to remove.
+        let _ = nft(&self.ns, &["delete", "table", "ip", NFT_TABLE], None);
+    }
+}
+
 /// `nft ARGS` inside `ns`, optionally with a script on stdin.
 fn nft(ns: &str, args: &[&str], stdin: Option<&str>) -> Result<String, ScenarioError> {
     let mut cmd = Command::new("ip");
@@ -986,7 +1008,7 @@ fn ensure_bpffs() -> Result<(), ScenarioError> {
 
 /// Removes pin directories `/sys/fs/bpf/lbx/lbx-<pid>-<seq>-*` of runs whose process is gone
 /// (a test killed by a timeout never runs its destructors).
-fn cleanup_stale_pins() {
+pub fn cleanup_stale_pins() {
     let Ok(entries) = std::fs::read_dir(PIN_ROOT) else {
         return;
     };
@@ -1357,6 +1379,15 @@ impl Lab {
             let name = node_name(node);
             let pin_dir = Path::new(PIN_ROOT).join(format!("{}-{name}", self.prefix()));
             let addr = self.node_addr(node).to_string();
+            let snat = if self.spec.dedicated_snat {
+                let snat = snat_addr_of(node);
+                let ns = self.topology().node_ns(node);
+                netns::ip(&["-n", ns, "addr", "add", &format!("{snat}/32"), "dev", NIC])
+                    .map_err(netns_err("adding the node's SNAT address"))?;
+                snat.to_string()
+            } else {
+                addr.clone()
+            };
             let (source_args, config) = match &agent_kubeconfig {
                 Some(kubeconfig) => (
                     vec![
@@ -1388,13 +1419,17 @@ impl Lab {
                 "--iface", NIC,
                 "--node-name", &name,
                 "--node-addr", &addr,
-                "--snat-addr", &addr,
+                "--snat-addr", &snat,
                 "--xdp-mode", &self.spec.xdp_mode,
                 "--pin-dir", &pin_dir.to_string_lossy(),
             ]
             .map(String::from)
             .to_vec();
-            let args: Vec<String> = source_args.into_iter().chain(node_args).collect();
+            let args: Vec<String> = source_args
+                .into_iter()
+                .chain(node_args)
+                .chain(self.spec.agent_args.iter().cloned())
+                .collect();
             let ns = self.topology().node_ns(node).to_string();
             let logs = self.logs(&format!("agent-{name}"));
             let stderr_log = logs.stderr.clone();

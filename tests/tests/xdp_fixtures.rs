@@ -869,9 +869,10 @@ fn client_rst_marks_closing_and_a_new_syn_starts_over() {
     );
 }
 
-/// SNAT ports of closed flows are free again after the grace, long before the idle timeout.
+/// SNAT ports of closed flows are free again after netfilter's TIME_WAIT (120 s), long before
+/// the idle timeout, and not earlier: the backend may still hold TIME_WAIT for the tuple.
 #[test]
-fn snat_port_of_a_closed_flow_is_reused_after_the_grace() {
+fn snat_port_of_a_closed_flow_is_reused_after_time_wait() {
     require_root();
     let mut dp = world();
     let mut cfg = dp.config().unwrap();
@@ -899,7 +900,7 @@ fn snat_port_of_a_closed_flow_is_reused_after_the_grace() {
         .find(|(k, _)| k.dport == port_be(61000))
         .unwrap();
     assert_ne!(rev.flags & lb_common::REV_CLOSING, 0);
-    // ... and once its grace is over, the port serves the second flow.
+    // ... past the 10 s grace the port is still taken (the pod may be in TIME_WAIT) ...
     dp.set_revnat(
         &rkey,
         &lb_common::RevNatEntry {
@@ -908,8 +909,98 @@ fn snat_port_of_a_closed_flow_is_reused_after_the_grace() {
         },
     )
     .unwrap();
+    let before = stat(&dp, Reason::PassSnatExhausted);
+    assert_eq!(dp.test_run_xdp(&syn(46001)).unwrap().0, XDP_PASS);
+    assert_eq!(stat(&dp, Reason::PassSnatExhausted), before + 1);
+    // ... and once TIME_WAIT is over, the port serves the second flow.
+    dp.set_revnat(
+        &rkey,
+        &lb_common::RevNatEntry {
+            stamp_s: monotonic_s() - lb_common::SNAT_TIME_WAIT_S - 1,
+            ..rev
+        },
+    )
+    .unwrap();
     let (v, out) = dp.test_run_xdp(&syn(46001)).unwrap();
     assert_eq!(v, XDP_REDIRECT);
     let parsed = lb_tests::packet::parse(&out).unwrap();
     assert_eq!(parsed.l4.unwrap().sport(), 61000);
+}
+
+/// A SYN-ACK on a tuple whose flow already closed belongs to a new connection, even within
+/// the grace: the client talking to the pod directly on a reused port (local reply, TC), or
+/// kube-proxy's masquerade choosing a node port our SNAT used before (remote reply, XDP).
+/// It passes unchanged and the stale entry goes; before the fix it was rewritten into the
+/// old flow and the new connection hung.
+#[test]
+fn a_syn_ack_on_a_closing_tuple_is_a_new_connection() {
+    require_root();
+    let mut dp = world();
+
+    // Local: the client's flow through the NodePort closes ...
+    let req = client().ipv4(CLIENT, NODE).tcp(45010, 30080).syn().build();
+    assert_eq!(dp.test_run_xdp(&req).unwrap().0, XDP_REDIRECT);
+    let reply = |f: fn(Packet) -> Packet| {
+        f(Packet::eth(POD_A_MAC, VETH_A_MAC)
+            .ipv4(POD_A, CLIENT)
+            .tcp(8080, 45010))
+        .build()
+    };
+    assert_eq!(
+        dp.test_run_tc(&reply(|p| p.fin().ack())).unwrap().0,
+        TC_ACT_REDIRECT
+    );
+    // ... and the same client port now connects to the pod directly (ip mode): the pod's
+    // SYN-ACK is not translated, and the entry is gone.
+    let before = stat(&dp, Reason::PassNotReply);
+    let direct = reply(|p| p.syn().ack());
+    assert_eq!(
+        dp.test_run_tc(&direct).unwrap(),
+        (TC_ACT_OK, direct.clone())
+    );
+    assert_eq!(stat(&dp, Reason::PassNotReply), before + 1);
+    assert!(
+        dp.revnat()
+            .unwrap()
+            .iter()
+            .all(|(k, _)| k.dport != port_be(45010)),
+        "stale local reverse-NAT entry not deleted"
+    );
+
+    // Remote: a flow SNATed to node port 61000 closes (RST from the pod's side) ...
+    let mut cfg = dp.config().unwrap();
+    cfg.snat_port_min = 61000;
+    cfg.snat_port_max = 61000;
+    dp.set_config(&cfg).unwrap();
+    let syn = client().ipv4(CLIENT, NODE).tcp(46010, 30081).syn().build();
+    assert_eq!(dp.test_run_xdp(&syn).unwrap().0, XDP_REDIRECT);
+    let from_pod = |f: fn(Packet) -> Packet| {
+        f(Packet::eth(NODE1_MAC, NIC_MAC)
+            .ipv4(POD_R, NODE)
+            .tcp(8080, 61000))
+        .build()
+    };
+    assert_eq!(
+        dp.test_run_xdp(&from_pod(|p| p.rst().ack())).unwrap().0,
+        XDP_REDIRECT
+    );
+    // ... and kube-proxy masquerades another connection to the same pod from node port
+    // 61000: its SYN-ACK is the kernel's, unchanged. The entry stays, so the port is not
+    // handed out again while the kernel's connection may use it.
+    let synack = from_pod(|p| p.syn().ack());
+    assert_eq!(
+        dp.test_run_xdp(&synack).unwrap(),
+        (XDP_PASS, synack.clone())
+    );
+    assert!(
+        dp.revnat()
+            .unwrap()
+            .iter()
+            .any(|(k, _)| k.dport == port_be(61000)),
+        "the SNAT entry must keep its port until TIME_WAIT is over"
+    );
+    let before = stat(&dp, Reason::PassSnatExhausted);
+    let other = client().ipv4(CLIENT, NODE).tcp(46011, 30081).syn().build();
+    assert_eq!(dp.test_run_xdp(&other).unwrap().0, XDP_PASS);
+    assert_eq!(stat(&dp, Reason::PassSnatExhausted), before + 1);
 }

@@ -50,6 +50,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The side-by-side lab (the main job): instance mode through a real kube-proxy vs the
+    /// XDP path vs ip mode on one Service, measured and plotted (lb-tests' lbx-lab binary,
+    /// release build). Installs and builds what it needs first.
+    Lab {
+        action: run_bin::LabAction,
+        /// Passed to `lbx-lab <action>`, e.g. `--json lab.json --html lab.html`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build kube-apiserver, kube-controller-manager and kube-proxy from the Go module proxy
     /// into ~/.cache/lbx/k8s/<version>/bin; cached per version.
     K8sBuild {
@@ -94,6 +103,21 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         Task::Demo { args } => {
             setup::run()?;
             return Ok(exit_code(run_bin::run(run_bin::DEMO_BINARY, &args)?));
+        }
+        Task::Lab { action, args } => {
+            let mut forwarded = vec![action.name().to_string()];
+            forwarded.extend(args);
+            let mut command = run_bin::command(run_bin::LAB_BINARY, &forwarded);
+            if action != run_bin::LabAction::Down {
+                if !cmd::is_root() {
+                    anyhow::bail!(
+                        "the lab creates network namespaces and loads BPF programs: run it as root"
+                    );
+                }
+                setup::run()?;
+                test::control_plane_binaries()?.export(&mut command);
+            }
+            return Ok(exit_code(run_bin::run_with(command)?));
         }
         Task::K8sBuild { version } => {
             k8s::run(version).context("cargo xtask k8s-build")?;

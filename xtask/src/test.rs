@@ -85,13 +85,22 @@ pub fn run() -> Result<(), TestError> {
 }
 
 /// The binaries the real-API-server tests run, exported to every step.
-struct ControlPlaneBinaries {
+pub struct ControlPlaneBinaries {
     k8s_bin_dir: PathBuf,
     etcd: PathBuf,
 }
 
+impl ControlPlaneBinaries {
+    /// Points `command` at these binaries (the lb-tests fixtures read the variables).
+    pub fn export(&self, command: &mut Command) {
+        command
+            .env(K8S_BIN_DIR_ENV, &self.k8s_bin_dir)
+            .env(ETCD_BIN_ENV, &self.etcd);
+    }
+}
+
 /// Builds (or finds cached) the Kubernetes binaries and unpacks (or finds cached) etcd.
-fn control_plane_binaries() -> Result<ControlPlaneBinaries, TestError> {
+pub fn control_plane_binaries() -> Result<ControlPlaneBinaries, TestError> {
     let version: KubeVersion = k8s::DEFAULT_VERSION
         .parse()
         .map_err(|source| TestError::K8s { source })?;
@@ -123,10 +132,8 @@ fn steps(binaries: &ControlPlaneBinaries) -> Vec<Step> {
     fmt.args(["fmt", "--all", "--", "--check"]);
     let root = cmd::workspace_root();
     for command in [&mut crates, &mut integration, &mut fmt] {
-        command
-            .current_dir(&root)
-            .env(K8S_BIN_DIR_ENV, &binaries.k8s_bin_dir)
-            .env(ETCD_BIN_ENV, &binaries.etcd);
+        command.current_dir(&root);
+        binaries.export(command);
     }
     vec![
         Step {

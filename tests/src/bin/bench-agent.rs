@@ -43,10 +43,9 @@
 
 use std::{
     collections::BTreeMap,
-    fs::{self, File, OpenOptions},
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    fs,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     ptr::NonNull,
@@ -70,7 +69,10 @@ use lb_tests::{
     controlplane::{self, ControlPlane},
     fixture::frontend_key,
     kubelet,
-    netns::{self, ChildGuard},
+    kubeproxy::{
+        self, run_in_ns, spawn_in_ns, IptablesBackend, KubeProxy, KubeProxySpec, Metrics, ProxyMode,
+    },
+    netns::ChildGuard,
     scenario::{self, ReadyLine},
     topology::{Topology, TopologySpec, CONTROL_ADDR, NIC},
 };
@@ -148,8 +150,6 @@ const ENDPOINT_BASE: u32 = u32::from_be_bytes([10, 64, 0, 0]);
 const FRESH_BASE: u32 = u32::from_be_bytes([10, 128, 0, 0]);
 /// Where pins go (the lab's agents use the same root; stale `lbx-<pid>-*` dirs are removed).
 const PIN_ROOT: &str = "/sys/fs/bpf/lbx";
-const METRICS_PORT: u16 = 10249;
-const HEALTHZ_PORT: u16 = 10256;
 
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(300);
 const UPDATE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -438,78 +438,6 @@ impl Rng {
     }
 }
 
-/// Opens namespace `ns` for a child's pre_exec setns (network namespace only: the mount
-/// namespace stays ours, so pins land on the bpffs this process sees).
-fn netns_file(ns: &str) -> Result<File> {
-    let path = Path::new("/run/netns").join(ns);
-    File::open(&path).with_context(|| format!("opening namespace {}", path.display()))
-}
-
-/// `program args` in network namespace `ns`, stderr appended to `log`, stdout piped (for
-/// [`ChildGuard::wait_for_line`]); stopped by PID when the guard drops.
-fn spawn_in_ns(
-    ns: &str,
-    program: &Path,
-    args: &[String],
-    env: &[(&str, String)],
-    log: &Path,
-) -> Result<ChildGuard> {
-    let ns_file = netns_file(ns)?;
-    let log_file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening {}", log.display()))?;
-    let mut cmd = Command::new(program);
-    cmd.args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    // SAFETY: setns and dup2 are async-signal-safe; the closure only uses fds it owns.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::dup2(log_file.as_raw_fd(), 2) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    ChildGuard::spawn(&mut cmd).with_context(|| format!("starting {} in {ns}", program.display()))
-}
-
-/// Runs `program args` to completion in network namespace `ns`; its stdout.
-fn run_in_ns(ns: &str, program: &str, args: &[&str], env: &[(&str, String)]) -> Result<String> {
-    let ns_file = netns_file(ns)?;
-    let mut cmd = Command::new(program);
-    cmd.args(args).stdin(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    // SAFETY: setns is async-signal-safe; the closure only uses an fd it owns.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let label = netns::describe(&cmd);
-    let out = cmd
-        .output()
-        .with_context(|| format!("running `{label}` in {ns}"))?;
-    ensure!(
-        out.status.success(),
-        "`{label}` in {ns} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Waits for a stdout line containing `needle`, in short slices so an interrupt is noticed.
 fn wait_line(child: &mut ChildGuard, needle: &str, timeout: Duration) -> Result<String> {
     let start = Instant::now();
@@ -542,30 +470,6 @@ fn field_f64(fields: &BTreeMap<String, String>, key: &str, line: &str) -> Result
         .ok_or_else(|| anyhow!("no {key}= in {line:?}"))?
         .parse()
         .with_context(|| format!("{key}= in {line:?}"))
-}
-
-/// Removes `/sys/fs/bpf/lbx/lbx-<pid>-*` directories of runs whose process is gone.
-fn remove_stale_pins() {
-    let Ok(entries) = fs::read_dir(PIN_ROOT) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(netns::PREFIX)
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let dead = pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists();
-        if dead && fs::remove_dir_all(entry.path()).is_ok() {
-            eprintln!(
-                "lbx: removed stale pin directory {}",
-                entry.path().display()
-            );
-        }
-    }
 }
 
 /// A pin directory that is removed on drop if the agent left it behind.
@@ -1203,32 +1107,12 @@ impl Bench {
     // kube-proxy
 
     fn scrape(&self) -> Result<Metrics> {
-        let text = netns::in_netns(self.node_ns(), http_get_metrics)
-            .context("joining the node namespace")??;
-        Ok(Metrics::parse(&text))
+        Ok(kubeproxy::scrape(self.node_ns())?)
     }
 
     fn kube_proxy_case(&mut self, n: usize, backend: IptablesBackend) -> Result<KubeProxyCase> {
         let name = backend.name();
         let log = self.logs.dir.join(format!("kube-proxy-{name}-{n}.log"));
-        let path = backend.path_env(&self.logs.dir)?;
-        #[rustfmt::skip]
-        let args: Vec<String> = [
-            "--kubeconfig", &self.cp.kubeconfig().to_string_lossy(),
-            "--hostname-override", NODE,
-            "--proxy-mode", "iptables",
-            "--metrics-bind-address", &format!("127.0.0.1:{METRICS_PORT}"),
-            "--healthz-bind-address", &format!("127.0.0.1:{HEALTHZ_PORT}"),
-            // Leave every conntrack sysctl (and the global hash size) as it is.
-            "--conntrack-max-per-core", "0",
-            "--conntrack-tcp-timeout-established", "0",
-            "--conntrack-tcp-timeout-close-wait", "0",
-            // No route_localnet sysctl.
-            "--iptables-localhost-nodeports=false",
-            "--v", "1",
-        ]
-        .map(String::from)
-        .to_vec();
         eprintln!(
             "kube-proxy (iptables-{name}): {n} services (log {})",
             log.display()
@@ -1238,19 +1122,16 @@ impl Bench {
             .context("the clock is before 1970")?
             .as_secs_f64();
         let started = Instant::now();
-        let env = [("PATH", path)];
-        let mut proxy = KubeProxy {
-            child: Some(spawn_in_ns(
-                self.node_ns(),
-                &self.kube_proxy_bin,
-                &args,
-                &env,
-                &log,
-            )?),
-            ns: self.node_ns().to_string(),
+        let mut proxy = KubeProxy::start(&KubeProxySpec {
             bin: self.kube_proxy_bin.clone(),
-            env: env.to_vec(),
-        };
+            kubeconfig: self.cp.kubeconfig().to_path_buf(),
+            node_name: NODE.into(),
+            ns: self.node_ns().to_string(),
+            mode: ProxyMode::Iptables(backend),
+            work_dir: self.logs.dir.clone(),
+            log: log.clone(),
+            verbosity: 1,
+        })?;
         let pid = proxy.pid();
         let timeout = Duration::from_secs(self.args.kube_proxy_timeout);
         let mut case = KubeProxyCase {
@@ -1397,77 +1278,6 @@ impl Bench {
     }
 }
 
-/// Which iptables kube-proxy runs: Debian's default `iptables` is the nf_tables one; the
-/// legacy (x_tables) one is selected with a PATH directory of links named like the tools.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum IptablesBackend {
-    Legacy,
-    Nft,
-}
-
-/// The tools kube-proxy runs, linked to their backend's variant.
-const IPTABLES_TOOLS: [&str; 6] = [
-    "iptables",
-    "iptables-save",
-    "iptables-restore",
-    "ip6tables",
-    "ip6tables-save",
-    "ip6tables-restore",
-];
-
-impl IptablesBackend {
-    fn name(self) -> &'static str {
-        match self {
-            IptablesBackend::Legacy => "legacy",
-            IptablesBackend::Nft => "nft",
-        }
-    }
-
-    /// `<logs>/iptables-<name>/`, holding `iptables` -> /usr/sbin/iptables-<name> and so on
-    /// (the xtables multi-binaries dispatch on the name they are called by).
-    fn shim_dir(self, logs: &Path) -> Result<PathBuf> {
-        let dir = logs.join(format!("iptables-{}", self.name()));
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        for tool in IPTABLES_TOOLS {
-            let target = Path::new("/usr/sbin").join(self.variant(tool));
-            ensure!(
-                target.exists(),
-                "{} is missing: install it (Debian: apt-get install -y iptables)",
-                target.display()
-            );
-            let link = dir.join(tool);
-            if fs::symlink_metadata(&link).is_err() {
-                std::os::unix::fs::symlink(&target, &link)
-                    .with_context(|| format!("linking {}", link.display()))?;
-            }
-        }
-        Ok(dir)
-    }
-
-    /// Debian's name of `tool` for this backend: `ip6tables-save` -> `ip6tables-legacy-save`.
-    fn variant(self, tool: &str) -> String {
-        let (family, rest) = tool.split_once("tables").expect("every tool has 'tables'");
-        format!("{family}tables-{}{rest}", self.name())
-    }
-
-    /// PATH for kube-proxy: the shim first.
-    fn path_env(self, logs: &Path) -> Result<String> {
-        let dir = self.shim_dir(logs)?;
-        let rest = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-        Ok(format!("{}:{rest}", dir.display()))
-    }
-
-    /// The path of `tool` for this backend.
-    fn tool(self, logs: &Path, tool: &str) -> Result<String> {
-        Ok(self
-            .shim_dir(logs)?
-            .join(tool)
-            .to_string_lossy()
-            .into_owned())
-    }
-}
-
 struct PerfGuard {
     child: std::process::Child,
 }
@@ -1477,142 +1287,6 @@ impl Drop for PerfGuard {
         // SAFETY: kill(2) on our own unreaped child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
         let _ = self.child.wait();
-    }
-}
-
-/// kube-proxy, stopped by PID (with the iptables-restore it may be running) and its rules
-/// removed (`kube-proxy --cleanup` in the node namespace) when dropped, so the next case
-/// starts from a fresh node.
-struct KubeProxy {
-    child: Option<ChildGuard>,
-    ns: String,
-    bin: PathBuf,
-    env: Vec<(&'static str, String)>,
-}
-
-/// Direct children of `pid` (every thread's), from /proc.
-fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|s| {
-            s.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
-}
-
-impl KubeProxy {
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, ChildGuard::pid)
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(ChildGuard::is_running)
-    }
-
-    fn finish(&mut self) -> Result<()> {
-        if let Some(child) = self.child.take() {
-            // An iptables-restore kube-proxy started would outlive it (Go does not kill its
-            // children on exit) and keep the namespace and the xtables lock.
-            let helpers = children_of(child.pid());
-            child.stop();
-            for pid in helpers {
-                // SAFETY: kill(2) by PID on a process our kube-proxy started; it cannot be
-                // reaped and reused before we look, as it was our child's child and is now
-                // either still running or a zombie reparented to init.
-                if Path::new("/proc").join(pid.to_string()).exists() {
-                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-                }
-            }
-        }
-        let bin = self.bin.to_string_lossy().into_owned();
-        run_in_ns(&self.ns, &bin, &["--cleanup"], &self.env).map(drop)
-    }
-}
-
-impl Drop for KubeProxy {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            if let Err(e) = self.finish() {
-                eprintln!("lbx: cleaning up kube-proxy's rules: {e:#}");
-            }
-        }
-    }
-}
-
-/// One GET of kube-proxy's /metrics on 127.0.0.1 (call from inside the node namespace).
-fn http_get_metrics() -> Result<String> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, METRICS_PORT));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut response = String::new();
-    s.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no HTTP header end in the metrics answer"))?;
-    ensure!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "/metrics answered {:?}",
-        head.lines().next().unwrap_or_default()
-    );
-    Ok(body.to_string())
-}
-
-/// Prometheus text format, one sample per `name{labels}`.
-struct Metrics(BTreeMap<String, f64>);
-
-impl Metrics {
-    fn parse(text: &str) -> Metrics {
-        let mut out = BTreeMap::new();
-        for line in text.lines() {
-            if line.starts_with('#') || line.trim().is_empty() {
-                continue;
-            }
-            let (key, rest) = match line.rfind('}') {
-                Some(close) => (&line[..=close], &line[close + 1..]),
-                None => match line.split_once(' ') {
-                    Some(kv) => kv,
-                    None => continue,
-                },
-            };
-            if let Some(v) = rest.split_whitespace().next().and_then(|v| v.parse().ok()) {
-                out.insert(key.to_string(), v);
-            }
-        }
-        Metrics(out)
-    }
-
-    /// The sum over every label set of `name` (0 when absent).
-    fn get(&self, name: &str) -> f64 {
-        self.0
-            .iter()
-            .filter(|(k, _)| {
-                k.as_str() == name || (k.starts_with(name) && k[name.len()..].starts_with('{'))
-            })
-            .map(|(_, v)| v)
-            .sum()
-    }
-
-    /// `name`'s samples by the value of `label`.
-    fn by_label(&self, name: &str, label: &str) -> BTreeMap<String, f64> {
-        let prefix = format!("{name}{{");
-        let needle = format!("{label}=\"");
-        self.0
-            .iter()
-            .filter(|(k, _)| k.starts_with(&prefix))
-            .filter_map(|(k, v)| {
-                let start = k.find(&needle)? + needle.len();
-                let end = k[start..].find('"')? + start;
-                Some((k[start..end].to_string(), *v))
-            })
-            .collect()
     }
 }
 
@@ -1854,7 +1528,7 @@ fn run() -> Result<()> {
         .agent;
 
     lb_user::bpffs::ensure(Path::new(PIN_ROOT)).context("mounting bpffs")?;
-    remove_stale_pins();
+    scenario::cleanup_stale_pins();
 
     let logs = match &args.logs {
         Some(dir) => {
@@ -2008,41 +1682,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prometheus_text_is_summed_per_name_and_split_by_label() {
-        let m = Metrics::parse(
-            "# HELP x help\n# TYPE x counter\n\
-             kubeproxy_sync_proxy_rules_duration_seconds_sum 1.5\n\
-             kubeproxy_sync_proxy_rules_duration_seconds_count 3\n\
-             kubeproxy_sync_proxy_rules_iptables_total{table=\"filter\"} 4\n\
-             kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\"} 40\n\
-             kubeproxy_sync_proxy_rules_last_timestamp_seconds 1.7e+09\n\
-             weird{label=\"a b\"} 2 1700000000\n",
-        );
-        assert_eq!(
-            m.get("kubeproxy_sync_proxy_rules_duration_seconds_count"),
-            3.0
-        );
-        assert_eq!(
-            m.get("kubeproxy_sync_proxy_rules_duration_seconds_sum"),
-            1.5
-        );
-        // The _sum must not be counted into a prefix of its name.
-        assert_eq!(m.get("kubeproxy_sync_proxy_rules_duration_seconds"), 0.0);
-        assert_eq!(m.get("kubeproxy_sync_proxy_rules_iptables_total"), 44.0);
-        assert_eq!(
-            m.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds"),
-            1.7e9
-        );
-        assert_eq!(m.get("weird"), 2.0);
-        assert_eq!(m.get("absent"), 0.0);
-        let by_table = m.by_label("kubeproxy_sync_proxy_rules_iptables_total", "table");
-        assert_eq!(
-            by_table.into_iter().collect::<Vec<_>>(),
-            [("filter".to_string(), 4.0), ("nat".to_string(), 40.0)]
-        );
-    }
-
-    #[test]
     fn percentiles_are_nearest_rank_and_failures_count_as_the_timeout() {
         let ms: Vec<f64> = (1..=100).map(f64::from).collect();
         let s = summarize(&ms, 0, UPDATE_TIMEOUT);
@@ -2080,22 +1719,6 @@ mod tests {
         );
         assert_eq!(ip_of(FRESH_BASE, 0), Ipv4Addr::new(10, 128, 0, 0));
         assert_eq!(service_name(42), "svc-00042");
-    }
-
-    #[test]
-    fn iptables_variants_are_debians_names() {
-        assert_eq!(
-            IptablesBackend::Legacy.variant("iptables"),
-            "iptables-legacy"
-        );
-        assert_eq!(
-            IptablesBackend::Legacy.variant("ip6tables-save"),
-            "ip6tables-legacy-save"
-        );
-        assert_eq!(
-            IptablesBackend::Nft.variant("iptables-restore"),
-            "iptables-nft-restore"
-        );
     }
 
     #[test]

@@ -1,0 +1,317 @@
+//! The side-by-side lab (`lbx-lab`, what `cargo xtask lab` runs) end to end at small sizes:
+//! real control plane, real kube-proxy (iptables) per node, the agents, 3 replicas of ui-nlb
+//! over 2 nodes, loads of one second and a sweep of 1 and 20 Services. Asserts properties,
+//! not speeds: every path answers, who sees which client address, netfilter untouched on
+//! the XDP path, hops, the report files, and a teardown that leaves nothing behind. Then
+//! `lab up` / `lab down`.
+//!
+//! Needs root. Run: `cargo test -p lb-tests --release --test lab_compare -- --test-threads=1`.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lb_tests::labreport::{LabFootprint, LabReport, PATHS};
+use lb_tests::netns;
+
+const LAB: &str = env!("CARGO_BIN_EXE_lbx-lab");
+
+/// The per-path client addresses lbx-lab uses (see `path_source` there).
+const INSTANCE_SOURCE: &str = "10.77.0.101";
+const XDP_SOURCE: &str = "10.77.0.102";
+const IP_SOURCE: &str = "10.77.0.103";
+
+fn out_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lbx-lab-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Nothing of the run is left: namespaces (and with them every link), processes, pins,
+/// work directory.
+fn assert_gone(fp: &LabFootprint) {
+    assert!(
+        fp.prefix.starts_with("lbx-"),
+        "footprint names no prefix: {fp:?}"
+    );
+    let left = netns::list_with_prefix(&fp.prefix).unwrap();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    assert!(!fp.pids.is_empty(), "the footprint lists no processes");
+    for pid in &fp.pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        // A reused PID would be some other program: only ours count.
+        let name = status.lines().next().unwrap_or_default().to_string();
+        assert!(
+            ![
+                "lb-user",
+                "lbx-podserver",
+                "kube-apiserver",
+                "kube-controller",
+                "etcd",
+                "kube-proxy"
+            ]
+            .iter()
+            .any(|n| name.contains(n)),
+            "process {pid} ({name}) is still running"
+        );
+    }
+    for dir in fp.pin_dirs.iter().chain([&fp.workdir]) {
+        assert!(!Path::new(dir).exists(), "{dir} is left behind");
+    }
+}
+
+#[test]
+fn compare_measures_three_paths_and_tears_everything_down() {
+    let dir = out_dir("compare");
+    let (json, html, svg) = (dir.join("lab.json"), dir.join("lab.html"), dir.join("svg"));
+    let status = Command::new(LAB)
+        .args([
+            "compare",
+            "--sweep",
+            "1,20",
+            "--duration",
+            "1",
+            "--sweep-duration",
+            "1",
+        ])
+        .args(["--warmup", "0.3", "--connections", "2", "--json"])
+        .arg(&json)
+        .arg("--html")
+        .arg(&html)
+        .arg("--svg-dir")
+        .arg(&svg)
+        .status()
+        .expect("lbx-lab runs");
+    assert!(status.success(), "lbx-lab compare failed: {status}");
+
+    let report: LabReport =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).expect("the JSON parses");
+    let raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // The field names, as written.
+    for path in PATHS {
+        for key in [
+            "rps",
+            "p50_us",
+            "p90_us",
+            "p99_us",
+            "new_conn_rps",
+            "hops",
+            "client_ip_preserved",
+            "cpu_us_per_req",
+        ] {
+            assert!(
+                !raw["paths"][path][key].is_null(),
+                "paths.{path}.{key} missing"
+            );
+        }
+    }
+    assert!(raw["sweep"].is_array());
+
+    let replicas: BTreeSet<&str> = ["n0-p0", "n1-p0", "n0-p1"].into();
+    for path in PATHS {
+        let p = &report.paths[path];
+        assert!(
+            p.rps > 0.0 && p.new_conn_rps > 0.0,
+            "{path} did not answer: {p:?}"
+        );
+        let requests: u64 = p.served_by.values().sum();
+        assert!(
+            p.errors * 100 <= requests,
+            "{path}: {} errors in {requests} requests",
+            p.errors
+        );
+        let served: BTreeSet<&str> = p.served_by.keys().map(String::as_str).collect();
+        assert_eq!(served, replicas, "{path} should reach every replica");
+        assert!(
+            p.p50_us <= p.p90_us && p.p90_us <= p.p99_us,
+            "{path}: {p:?}"
+        );
+        assert!(p.cpu_us_per_req > 0.0, "{path}: no CPU measured");
+        assert!(!p.latency_cdf.is_empty() && !p.new_conn_latency_cdf.is_empty());
+    }
+
+    let (instance, xdp, ip) = (
+        &report.paths["instance"],
+        &report.paths["xdp"],
+        &report.paths["ip"],
+    );
+    // Client addresses: ip mode always keeps it; xdp keeps it for local delivery and shows
+    // the node's SNAT address for the others; instance (kube-proxy masquerades NodePort
+    // traffic with externalTrafficPolicy Cluster) never keeps it: pods see node addresses.
+    assert!(ip.client_ip_preserved);
+    assert_eq!(ip.client_ips_seen.keys().collect::<Vec<_>>(), [IP_SOURCE]);
+    assert!(xdp.client_ip_preserved, "{:?}", xdp.client_ips_seen);
+    assert!(xdp.client_ips_seen.contains_key(XDP_SOURCE));
+    let snat: BTreeSet<&str> = [XDP_SOURCE, "10.77.0.150", "10.77.0.151"].into();
+    assert!(
+        xdp.client_ips_seen
+            .keys()
+            .all(|k| snat.contains(k.as_str())),
+        "xdp: pods saw {:?}",
+        xdp.client_ips_seen
+    );
+    assert!(!instance.client_ip_preserved);
+    assert_eq!(instance.client_ip_seen_fraction, 0.0);
+    // MASQUERADE takes the address of the interface the packet leaves by: the node's
+    // address towards the other node, the pod gateway's on the pod's veth.
+    let node_side: BTreeSet<&str> = ["10.77.0.10", "10.77.0.11", "10.77.1.1", "10.77.2.1"].into();
+    assert!(
+        instance
+            .client_ips_seen
+            .keys()
+            .all(|k| node_side.contains(k.as_str())),
+        "instance: pods should see node addresses, saw {:?}",
+        instance.client_ips_seen
+    );
+    assert!(!instance.client_ips_seen.contains_key(INSTANCE_SOURCE));
+    for remote in ["10.77.0.10", "10.77.0.11"] {
+        assert!(
+            instance.client_ips_seen.contains_key(remote),
+            "instance: cross-node requests should show node {remote}: {:?}",
+            instance.client_ips_seen
+        );
+    }
+
+    // Netfilter: the probe on every hook of every node never saw an xdp packet of the
+    // client; it did see the instance path's (so it works).
+    assert_eq!(xdp.nf_probe_packets, 0, "xdp packets touched netfilter");
+    assert!(
+        instance.nf_probe_packets > 0,
+        "the probe saw no instance packet"
+    );
+    assert!(instance.nf_rule_hits_per_req > 0.0 && instance.nf_rules_installed > 0);
+    // Which verdicts lbx gave: forwarding on the xdp path, none on the instance path.
+    assert!(
+        xdp.xdp_reasons.get("fwd_local").copied().unwrap_or(0) > 0,
+        "{:?}",
+        xdp.xdp_reasons
+    );
+    assert!(
+        instance.xdp_reasons.keys().all(|k| !k.starts_with("fwd_")),
+        "{:?}",
+        instance.xdp_reasons
+    );
+
+    // Hops: one router (the pod's node) for ip mode and for local xdp delivery; two for a
+    // pod behind the other node.
+    assert_eq!(ip.hops_local, Some(1));
+    assert_eq!(xdp.hops_local, ip.hops_local);
+    assert_eq!(xdp.hops_remote, Some(2));
+    assert_eq!(instance.hops_remote, Some(2));
+
+    // Target lists: nodes for instance, pods for ip and xdp.
+    let ids = |p: &lb_tests::labreport::PathResult| -> BTreeSet<String> {
+        p.targets
+            .iter()
+            .map(|t| format!("{}:{}", t.id, t.port))
+            .collect()
+    };
+    assert_eq!(
+        ids(instance),
+        ["10.77.0.10:30080", "10.77.0.11:30080"]
+            .map(String::from)
+            .into()
+    );
+    let pods: BTreeSet<String> = ["10.77.1.10:8080", "10.77.1.11:8080", "10.77.2.10:8080"]
+        .map(String::from)
+        .into();
+    assert_eq!(ids(ip), pods);
+    assert_eq!(ids(xdp), pods);
+    assert!(report
+        .paths
+        .values()
+        .all(|p| p.targets.iter().all(|t| t.state == "healthy")));
+
+    // Sweep: every path at both sizes.
+    assert_eq!(report.sweep.len(), 6, "{:?}", report.sweep);
+    for s in &report.sweep {
+        assert!(s.new_conn_rps > 0.0 && s.p99_us > 0.0, "{s:?}");
+    }
+    assert!(!report.targets.is_empty());
+
+    // Report files.
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.starts_with("<!DOCTYPE html>"));
+    assert_eq!(page.matches("<svg").count(), 3);
+    for name in [
+        "latency-cdf.svg",
+        "new-conn-vs-services.svg",
+        "cpu-per-request.svg",
+    ] {
+        let text = std::fs::read_to_string(svg.join(name)).unwrap();
+        assert!(
+            text.starts_with("<svg") && text.trim_end().ends_with("</svg>"),
+            "{name}"
+        );
+    }
+
+    assert_gone(&report.footprint);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn up_keeps_the_lab_until_down() {
+    let dir = out_dir("up");
+    let log = dir.join("up.log");
+    let mut up = Command::new(LAB)
+        .args(["up", "--replicas", "2"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("lbx-lab up starts");
+    let up_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let stdout = up.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let started = Instant::now();
+    let prefix = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(180).saturating_sub(started.elapsed()))
+            .unwrap_or_else(|_| {
+                let _ = up.kill();
+                panic!("lab up printed no 'is up' line:\n{}", up_log())
+            });
+        if let Some(rest) = line.strip_prefix("The lab ") {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    // It is up: the xdp path answers from the client namespace.
+    let client = format!("{prefix}-client");
+    assert!(netns::list_with_prefix(&prefix).unwrap().contains(&client));
+    let answer = netns::in_netns(&client, || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect((Ipv4Addr::new(10, 77, 0, 10), 30080)).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .unwrap();
+    assert!(answer.contains("pod=n"), "{answer}");
+
+    let down = Command::new(LAB).arg("down").status().unwrap();
+    assert!(
+        down.success(),
+        "lab down failed; lab up's log:\n{}",
+        up_log()
+    );
+    let status = up.wait().unwrap();
+    assert!(
+        status.success(),
+        "lab up ended with {status}:\n{}",
+        up_log()
+    );
+    let left = netns::list_with_prefix(&prefix).unwrap();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
