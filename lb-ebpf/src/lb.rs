@@ -1,7 +1,10 @@
 //! The load-balancing decisions, in pipeline order: lookup_service, ct_lookup,
 //! select_backend, ct_create (with SNAT port allocation for remote backends).
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+};
 use lb_common::{
     hash::{client_hash, flow_hash},
     port_be, port_host, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, Frontend,
@@ -333,7 +336,11 @@ fn snat_alloc(cfg: &Config, p: &Parsed, be: &Backend, rev: &mut RevNatEntry) -> 
     let start = flow_hash(&[p.saddr, 0, 0, 0], &[p.daddr, 0, 0, 0], p.sport, p.dport, p.proto);
     let mut i = 0;
     while i < SNAT_PROBES {
-        let port = cfg.snat_port_min + ((start.wrapping_add(i.wrapping_mul(7919))) % range) as u16;
+        // The first probe is the tuple's hash (predictable); the others are random: a client
+        // reusing its source port within the 120 s a closed flow holds its SNAT port would
+        // otherwise walk the same fixed sequence every time and run out after 8 reuses.
+        let off = if i == 0 { 0 } else { unsafe { bpf_get_prandom_u32() } };
+        let port = cfg.snat_port_min + (start.wrapping_add(off) % range) as u16;
         let rkey = reply_key(be, [cfg.snat_addr, 0, 0, 0], port_be(port), p.proto);
         if REVNAT.insert(&rkey, &*rev, BPF_NOEXIST as u64).is_ok() {
             return Ok(port_be(port));

@@ -1004,3 +1004,41 @@ fn a_syn_ack_on_a_closing_tuple_is_a_new_connection() {
     assert_eq!(dp.test_run_xdp(&other).unwrap().0, XDP_PASS);
     assert_eq!(stat(&dp, Reason::PassSnatExhausted), before + 1);
 }
+
+/// A client reusing one source port for many short connections within TIME_WAIT: each new
+/// flow needs a fresh SNAT port while the closed ones hold theirs. The probes after the
+/// first are random, so the tuple does not walk the same 8 ports every time (it ran out at
+/// the 9th reuse before).
+#[test]
+fn a_reused_client_tuple_keeps_getting_snat_ports() {
+    require_root();
+    let mut dp = world();
+    let mut cfg = dp.config().unwrap();
+    cfg.snat_port_min = 61000;
+    cfg.snat_port_max = 61999;
+    dp.set_config(&cfg).unwrap();
+    let before = stat(&dp, Reason::PassSnatExhausted);
+    let mut ports = std::collections::BTreeSet::new();
+    for round in 0..16 {
+        let syn = client().ipv4(CLIENT, NODE).tcp(46020, 30081).syn().build();
+        let (v, out) = dp.test_run_xdp(&syn).unwrap();
+        assert_eq!(
+            v, XDP_REDIRECT,
+            "round {round}: the SYN fell back to the kernel"
+        );
+        let port = lb_tests::packet::parse(&out).unwrap().l4.unwrap().sport();
+        assert!(
+            ports.insert(port),
+            "round {round}: port {port} handed out twice"
+        );
+        // The pod resets the connection: the flow closes and its port stays taken.
+        let rst = Packet::eth(NODE1_MAC, NIC_MAC)
+            .ipv4(POD_R, NODE)
+            .tcp(8080, port)
+            .rst()
+            .ack()
+            .build();
+        assert_eq!(dp.test_run_xdp(&rst).unwrap().0, XDP_REDIRECT);
+    }
+    assert_eq!(stat(&dp, Reason::PassSnatExhausted), before);
+}
