@@ -174,10 +174,11 @@ fn revnat_closing(rev: *mut RevNatEntry, now_s: u32) {
 }
 
 /// A reply's reverse-NAT entry, unless its flow closed more than `close_grace_s` ago, or
-/// closed at all and this is a SYN-ACK (then the entry is deleted: the tuple now belongs to
-/// some other connection, e.g. the client talking to the pod directly, or kube-proxy's
-/// masquerade picking the same node port). A FIN or RST in the reply marks the flow
-/// closing, in the reverse-NAT entry and in the client's ct entry.
+/// closed at all and this is a SYN-ACK: the tuple now belongs to some other connection (the
+/// client talking to the pod directly, or kube-proxy's masquerade picking the same node
+/// port). Then a local entry is deleted; a SNAT entry stays, so its port is not handed out
+/// again before `SNAT_TIME_WAIT_S`. A FIN or RST in the reply marks the flow closing, in the
+/// reverse-NAT entry and in the client's ct entry.
 #[inline(always)]
 pub fn revnat_lookup(cfg: &Config, p: &Parsed, key: &CtKey) -> Option<*mut RevNatEntry> {
     let rev = REVNAT.get_ptr_mut(key)?;
