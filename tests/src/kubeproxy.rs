@@ -198,15 +198,25 @@ pub struct KubeProxy {
     work_dir: PathBuf,
 }
 
-/// Opens namespace `ns` for a child's pre_exec setns (network namespace only: the mount
-/// namespace stays ours).
-fn netns_file(ns: &str) -> Result<File> {
+/// Makes `cmd` join network namespace `ns` between fork and exec (network namespace only:
+/// the mount namespace stays ours).
+fn join_netns_at_exec(cmd: &mut Command, ns: &str) -> Result<()> {
     let path = Path::new("/run/netns").join(ns);
-    File::open(&path).map_err(|source| KubeProxyError::Io {
+    let ns_file = File::open(&path).map_err(|source| KubeProxyError::Io {
         what: "opening namespace",
         path,
         source,
-    })
+    })?;
+    // SAFETY: setns is async-signal-safe; the closure only uses an fd it owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// `program args` in network namespace `ns`, stderr appended to `log`, stdout piped (for
@@ -218,7 +228,6 @@ pub fn spawn_in_ns(
     env: &[(&str, String)],
     log: &Path,
 ) -> Result<ChildGuard> {
-    let ns_file = netns_file(ns)?;
     let log_file = OpenOptions::new()
         .create(true)
         .append(true)
@@ -233,12 +242,10 @@ pub fn spawn_in_ns(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    // SAFETY: setns and dup2 are async-signal-safe; the closure only uses fds it owns.
+    join_netns_at_exec(&mut cmd, ns)?;
+    // SAFETY: dup2 is async-signal-safe; the closure only uses an fd it owns.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
             if libc::dup2(log_file.as_raw_fd(), 2) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -253,21 +260,12 @@ pub fn spawn_in_ns(
 
 /// Runs `program args` to completion in network namespace `ns`; its stdout.
 pub fn run_in_ns(ns: &str, program: &str, args: &[&str], env: &[(&str, String)]) -> Result<String> {
-    let ns_file = netns_file(ns)?;
     let mut cmd = Command::new(program);
     cmd.args(args).stdin(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    // SAFETY: setns is async-signal-safe; the closure only uses an fd it owns.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    join_netns_at_exec(&mut cmd, ns)?;
     let command = netns::describe(&cmd);
     let out = cmd.output().map_err(|source| KubeProxyError::Io {
         what: "running",

@@ -637,16 +637,22 @@ impl Cluster {
         }
     }
 
-    /// The healthy backends of the `*:nodePort` frontend in node `node`'s maps; None when
-    /// the agent holds no such frontend.
-    fn node_port_backends(&self, node: usize) -> Result<Option<BTreeSet<Ipv4Addr>>> {
+    /// ui-nlb's `*:nodePort` frontend as `lb-user targets` prints it for node `node`; None
+    /// when the agent holds no such frontend.
+    fn node_port_frontend(&self, node: usize) -> Result<Option<serde_json::Value>> {
         let v = self.lab.targets(node)?;
-        let Some(fe) = v["frontends"]
+        Ok(v["frontends"]
             .as_array()
             .into_iter()
             .flatten()
             .find(|f| f["address"] == "*" && f["port"] == TCP_NODE_PORT)
-        else {
+            .cloned())
+    }
+
+    /// The healthy backends of the `*:nodePort` frontend in node `node`'s maps; None when
+    /// the agent holds no such frontend.
+    fn node_port_backends(&self, node: usize) -> Result<Option<BTreeSet<Ipv4Addr>>> {
+        let Some(fe) = self.node_port_frontend(node)? else {
             return Ok(None);
         };
         Ok(Some(
@@ -954,13 +960,7 @@ impl Cluster {
             _ => {
                 // What the XDP path forwards to, per node: pod:port (lb-user targets).
                 for node in 0..self.lab.node_count() {
-                    let v = self.lab.targets(node)?;
-                    let Some(fe) = v["frontends"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .find(|f| f["address"] == "*" && f["port"] == TCP_NODE_PORT)
-                    else {
+                    let Some(fe) = self.node_port_frontend(node)? else {
                         continue;
                     };
                     for t in fe["targets"].as_array().into_iter().flatten() {
