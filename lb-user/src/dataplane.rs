@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapError, PerCpuArray},
     programs::{
         tc::{self, TcAttachType},
         ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode,
@@ -143,26 +143,71 @@ pub enum XdpModeChoice {
     Generic,
 }
 
-/// The Maglev rings, written through mmap (the map is BPF_F_MMAPABLE).
-struct RingMmap {
-    ptr: NonNull<u32>,
-    len_bytes: usize,
+/// The MAGLEV map, written through mmap (the map is BPF_F_MMAPABLE). Only the pages of the
+/// ring being read or written are mapped, and only while that happens: the whole map (up to
+/// 64 MiB at 10 000 Services) would otherwise count in the agent's resident memory although
+/// it is the kernel's.
+struct Rings {
+    /// The MAGLEV map's fd (owned by the loaded `Ebpf`, which outlives this).
+    fd: std::os::fd::RawFd,
+    /// u32 ring slots the map holds.
     entries: usize,
 }
 
-// The mapping is plain shared memory owned by this struct.
-unsafe impl Send for RingMmap {}
+/// Ring slots `[start, start + len)` of the MAGLEV map, mapped until dropped.
+struct RingWindow {
+    base: NonNull<u8>,
+    len_bytes: usize,
+    /// The first slot's place in the mapping.
+    first: *mut u32,
+    len: usize,
+}
 
-impl Drop for RingMmap {
+impl RingWindow {
+    fn map(rings: &Rings, start: usize, len: usize) -> Result<Self, DataplaneError> {
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let begin = start * 4 / page * page;
+        let end = ((start + len) * 4).div_ceil(page) * page;
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                end - begin,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                rings.fd,
+                begin as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DataplaneError::Mmap {
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let base = NonNull::new(ptr.cast::<u8>()).expect("mmap returned NULL without MAP_FAILED");
+        Ok(RingWindow {
+            base,
+            len_bytes: end - begin,
+            first: unsafe { base.as_ptr().add(start * 4 - begin).cast() },
+            len,
+        })
+    }
+
+    fn slots(&mut self) -> &mut [u32] {
+        // The window covers exactly these slots, 4-byte aligned (page + multiple of 4).
+        unsafe { std::slice::from_raw_parts_mut(self.first, self.len) }
+    }
+}
+
+impl Drop for RingWindow {
     fn drop(&mut self) {
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len_bytes) };
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len_bytes) };
     }
 }
 
 pub struct Dataplane {
     ebpf: Ebpf,
     opts: DataplaneOptions,
-    rings: RingMmap,
+    rings: Rings,
     /// Times the XDP attach fell back to generic mode (exported as a metric).
     pub generic_fallbacks: u64,
     /// Frontends in FRONTENDS, per (protocol, port): drives the SERVICE_PORTS bitmap.
@@ -246,7 +291,13 @@ impl Dataplane {
             let Map::Array(data) = map else {
                 return Err(DataplaneError::MissingMap { name: "MAGLEV" });
             };
-            mmap_ring(data, ring_entries.div_ceil(2) as usize * 2)?
+            let rings = Rings {
+                fd: data.fd().as_fd().as_raw_fd(),
+                entries: ring_entries.div_ceil(2) as usize * 2,
+            };
+            // Fail at load, not at the first write, if the map cannot be mapped.
+            drop(RingWindow::map(&rings, 0, 1)?);
+            rings
         };
 
         let mut dp = Self {
@@ -366,7 +417,8 @@ impl Dataplane {
         service_id: u32,
         changes: &[(u32, u32)],
     ) -> Result<(), DataplaneError> {
-        let ring = self.ring_mut(service_id)?;
+        let mut window = self.ring_window(service_id)?;
+        let ring = window.slots();
         for &(pos, id) in changes {
             if let Some(slot) = ring.get_mut(pos as usize) {
                 // Aligned 4-byte stores are single-copy atomic: a packet sees old or new id.
@@ -388,22 +440,26 @@ impl Dataplane {
                 maglev_size: self.opts.maglev_size,
             });
         }
-        let ring = self.ring_mut(service_id)?;
-        for (slot, id) in ring.iter_mut().zip(table) {
+        let mut window = self.ring_window(service_id)?;
+        for (slot, id) in window.slots().iter_mut().zip(table) {
             unsafe { std::ptr::write_volatile(slot, *id) };
         }
         Ok(())
     }
 
     /// The ring of a service slot as the program sees it.
-    pub fn ring(&self, service_id: u32) -> Result<&[u32], DataplaneError> {
-        let (start, len) = self.ring_bounds(service_id)?;
-        Ok(unsafe { std::slice::from_raw_parts(self.rings.ptr.as_ptr().add(start), len) })
+    pub fn ring(&self, service_id: u32) -> Result<Vec<u32>, DataplaneError> {
+        let mut window = self.ring_window(service_id)?;
+        Ok(window
+            .slots()
+            .iter()
+            .map(|slot| unsafe { std::ptr::read_volatile(slot) })
+            .collect())
     }
 
-    fn ring_mut(&mut self, service_id: u32) -> Result<&mut [u32], DataplaneError> {
+    fn ring_window(&self, service_id: u32) -> Result<RingWindow, DataplaneError> {
         let (start, len) = self.ring_bounds(service_id)?;
-        Ok(unsafe { std::slice::from_raw_parts_mut(self.rings.ptr.as_ptr().add(start), len) })
+        RingWindow::map(&self.rings, start, len)
     }
 
     fn ring_bounds(&self, service_id: u32) -> Result<(usize, usize), DataplaneError> {
@@ -691,30 +747,4 @@ fn is_not_found(e: &MapError) -> bool {
 
 fn map_err(name: &'static str, op: &'static str) -> impl Fn(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, op, source }
-}
-
-fn mmap_ring(data: &MapData, entries: usize) -> Result<RingMmap, DataplaneError> {
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-    let len_bytes = (entries * 4).div_ceil(page) * page;
-    let fd = data.fd().as_fd().as_raw_fd();
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len_bytes,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(DataplaneError::Mmap {
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(RingMmap {
-        ptr: NonNull::new(ptr.cast()).expect("mmap returned NULL without MAP_FAILED"),
-        len_bytes,
-        entries,
-    })
 }

@@ -4,8 +4,11 @@
 //! and the TC reply program to every local pod's host-side veth, and a clean stop.
 //!
 //! Where the desired state comes from (a file, the API server) is the caller's business:
-//! [`NodeRuntime::start`] takes the first one, [`NodeRuntime::set_desired`] the next ones, and
-//! [`NodeRuntime::tick`] retries what could not be done yet (unresolved backends, new veths).
+//! [`NodeRuntime::start`] takes the first one, [`NodeRuntime::set_desired`] replaces it
+//! (a full apply), [`NodeRuntime::update`] changes some service ports (an apply scoped to
+//! them, so an update costs the same at 1 and at 10 000 Services), and [`NodeRuntime::tick`]
+//! retries what could not be done yet (unresolved backends, new veths, a failed apply) and
+//! re-resolves every backend once per [`FULL_APPLY_EVERY`].
 //! Dropping the runtime detaches everything and removes the pins unless `keep_pins`.
 
 use std::cell::RefCell;
@@ -27,10 +30,10 @@ use log::{debug, error, info, warn};
 
 use crate::dataplane::{AttachMode, Dataplane, DataplaneError, DataplaneOptions, XdpModeChoice};
 use crate::inspect::{default_pin_dir, ifname};
-use crate::model::{BackendSpec, DesiredState};
+use crate::model::{BackendSpec, DesiredState, ServicePortId, ServicePortState};
 use crate::netinfo::{self, NetinfoError};
 use crate::reconcile::{
-    ApplyReport, Capacity, Delivery, ReconcileConfig, ReconcileError, Reconciler, Resolver,
+    ApplyReport, Capacity, Delivery, ReconcileConfig, ReconcileError, Reconciler, Resolver, Scope,
 };
 
 /// A SNAT port whose flow saw no reply for this long may be reused (seconds).
@@ -41,6 +44,13 @@ pub const SNAT_IDLE_S: u32 = 300;
 pub const CLOSE_GRACE_S: u32 = 10;
 /// How often the loop checks for a stop request while waiting.
 const STOP_POLL: Duration = Duration::from_millis(50);
+/// Scoped applies resolve only the backends of the service ports that changed; this often a
+/// full apply resolves every backend again (a pod's MAC, a remote node's next hop), like
+/// kube-proxy's periodic full sync.
+pub const FULL_APPLY_EVERY: Duration = Duration::from_secs(60);
+
+/// Service ports that changed since the last apply: the new state, or None when gone.
+pub type PortChanges = Vec<(ServicePortId, Option<ServicePortState>)>;
 
 /// An inclusive port range, `MIN-MAX` on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -572,43 +582,74 @@ fn check_locality(spec: &BackendSpec, d: &netinfo::Delivery, node: &str) -> Resu
 /// A backend's delivery, or why it has none.
 type Resolved = Result<netinfo::Delivery, String>;
 
+/// How long a successful resolution is reused by scoped applies. A lookup (`ip route get`,
+/// the link, the neighbour) costs a few milliseconds of process spawns, which a one-Service
+/// update must not pay for the same node address again and again; full applies (at start,
+/// on resyncs, every [`FULL_APPLY_EVERY`]) always resolve afresh.
+const RESOLVE_TTL: Duration = Duration::from_secs(10);
+
+/// Resolutions by address, kept between applies: (when, result). Failures are reused only
+/// within the apply that saw them.
+#[derive(Default)]
+struct ResolveCache {
+    entries: BTreeMap<Ipv4Addr, (Instant, Resolved)>,
+}
+
 /// Resolves backends with the kernel's routes and neighbours (one lookup per address per
-/// apply) and remembers the veths of local pods for the TC reply program.
+/// apply, or per [`RESOLVE_TTL`]) and remembers the veths of local pods for the TC reply
+/// program.
 struct NetResolver<'a> {
     node: &'a str,
     /// InternalIP of every other node by name: a remote endpoint is forwarded to the node its
     /// EndpointSlice names (direct node routing), without needing a route to its pod subnet.
     node_ips: &'a BTreeMap<String, Ipv4Addr>,
-    cache: RefCell<BTreeMap<Ipv4Addr, Resolved>>,
+    cache: &'a RefCell<ResolveCache>,
+    /// When this apply began: older failures are looked up again.
+    started: Instant,
     local_ifindexes: RefCell<BTreeSet<u32>>,
 }
 
 impl<'a> NetResolver<'a> {
-    fn new(node: &'a str, node_ips: &'a BTreeMap<String, Ipv4Addr>) -> Self {
+    fn new(
+        node: &'a str,
+        node_ips: &'a BTreeMap<String, Ipv4Addr>,
+        cache: &'a RefCell<ResolveCache>,
+    ) -> Self {
         NetResolver {
             node,
             node_ips,
-            cache: RefCell::new(BTreeMap::new()),
+            cache,
+            started: Instant::now(),
             local_ifindexes: RefCell::new(BTreeSet::new()),
         }
+    }
+
+    fn lookup(&self, addr: Ipv4Addr) -> Resolved {
+        let mut cache = self.cache.borrow_mut();
+        if let Some((at, r)) = cache.entries.get(&addr) {
+            let fresh = match r {
+                Ok(_) => at.elapsed() < RESOLVE_TTL,
+                Err(_) => *at >= self.started,
+            };
+            if fresh {
+                return r.clone();
+            }
+        }
+        let r = netinfo::resolve_backend(addr).map_err(|e| e.to_string());
+        cache.entries.insert(addr, (Instant::now(), r.clone()));
+        r
     }
 }
 
 impl Resolver for NetResolver<'_> {
     fn resolve(&self, spec: &BackendSpec) -> Result<Delivery, String> {
         if let Some(node_ip) = remote_node_ip(spec, self.node, self.node_ips) {
-            let d = self
-                .cache
-                .borrow_mut()
-                .entry(node_ip)
-                .or_insert_with(|| netinfo::resolve_backend(node_ip).map_err(|e| e.to_string()))
-                .clone()
-                .map_err(|e| {
-                    format!(
-                        "node {} ({node_ip}): {e}",
-                        spec.node_name.as_deref().unwrap_or_default()
-                    )
-                })?;
+            let d = self.lookup(node_ip).map_err(|e| {
+                format!(
+                    "node {} ({node_ip}): {e}",
+                    spec.node_name.as_deref().unwrap_or_default()
+                )
+            })?;
             if d.local {
                 return Err(format!(
                     "node {} has InternalIP {node_ip}, which this node routes into a local veth; \
@@ -622,12 +663,7 @@ impl Resolver for NetResolver<'_> {
                 smac: d.smac,
             });
         }
-        let d = self
-            .cache
-            .borrow_mut()
-            .entry(spec.addr)
-            .or_insert_with(|| netinfo::resolve_backend(spec.addr).map_err(|e| e.to_string()))
-            .clone()?;
+        let d = self.lookup(spec.addr)?;
         check_locality(spec, &d, self.node)?;
         if d.local {
             self.local_ifindexes.borrow_mut().insert(d.ifindex);
@@ -729,24 +765,84 @@ struct Driver {
     local_ifindexes: BTreeSet<u32>,
     tc_attached: BTreeSet<u32>,
     last_problems: Vec<String>,
-    /// The last apply failed or left backends unresolved: apply again on the next tick.
+    /// The last apply left backends unresolved: apply their service ports again next tick.
     retry: bool,
+    /// The last apply failed: the next one must look at everything.
+    failed: bool,
+    /// When the last full apply ran.
+    last_full: Instant,
+    /// Backend resolutions reused by scoped applies.
+    resolved: RefCell<ResolveCache>,
 }
 
 impl Driver {
+    /// A full apply: every service port, every backend resolved.
     fn apply(&mut self, dp: &mut Dataplane) -> Result<ApplyReport, ReconcileError> {
-        let resolver = NetResolver::new(&self.node_name, &self.node_ips);
-        let res = self.reconciler.apply(&self.desired, &resolver, dp);
-        self.local_ifindexes = resolver.local_ifindexes.into_inner();
+        self.apply_in(dp, None)
+    }
+
+    /// An apply of the `changed` service ports (plus those with problems), or a full one when
+    /// `changed` is None or the last apply failed.
+    fn apply_in(
+        &mut self,
+        dp: &mut Dataplane,
+        changed: Option<&BTreeSet<ServicePortId>>,
+    ) -> Result<ApplyReport, ReconcileError> {
+        let scope = match changed {
+            Some(c) if !self.failed => Scope::Changed(c),
+            _ => Scope::All,
+        };
+        if matches!(scope, Scope::All) {
+            self.resolved.borrow_mut().entries.clear();
+        }
+        let started = Instant::now();
+        // The reply path before the request path: a new local pod's veth gets the TC reply
+        // program before its backend enters a ring, or the replies of the first flows sent
+        // to it would leave through the kernel without reverse NAT.
+        let local = {
+            let resolver = NetResolver::new(&self.node_name, &self.node_ips, &self.resolved);
+            let states: Box<dyn Iterator<Item = &ServicePortState>> = match scope {
+                Scope::All => Box::new(self.desired.services.values()),
+                Scope::Changed(c) => {
+                    Box::new(c.iter().filter_map(|id| self.desired.services.get(id)))
+                }
+            };
+            for b in states.flat_map(|st| st.backends.iter()).filter(|b| b.local) {
+                // Failures are the apply's to report.
+                let _ = resolver.resolve(b);
+            }
+            resolver.local_ifindexes.into_inner()
+        };
+        self.local_ifindexes.extend(local);
+        self.attach_tc(dp);
+        let resolver = NetResolver::new(&self.node_name, &self.node_ips, &self.resolved);
+        let res = self
+            .reconciler
+            .apply_scoped(&self.desired, scope, &resolver, dp);
+        let found = resolver.local_ifindexes.into_inner();
+        match scope {
+            Scope::All => {
+                self.local_ifindexes = found;
+                self.last_full = Instant::now();
+            }
+            // The others' veths are as the last apply found them.
+            Scope::Changed(_) => self.local_ifindexes.extend(found),
+        }
+        self.failed = res.is_err();
         match &res {
             Ok(report) => {
                 self.retry = !report.unresolved.is_empty();
                 let problems = problems(report);
                 let changed = problems != self.last_problems;
+                let how = match scope {
+                    Scope::All => "full".to_string(),
+                    Scope::Changed(c) => format!("{} service ports", c.len()),
+                };
+                let took = started.elapsed().as_secs_f64() * 1e3;
                 if report.writes() > 0 || changed {
-                    info!("{}", summary(report));
+                    info!("{} ({how}, {took:.1} ms)", summary(report));
                 } else {
-                    debug!("{}", summary(report));
+                    debug!("{} ({how}, {took:.1} ms)", summary(report));
                 }
                 if changed {
                     for p in &problems {
@@ -768,12 +864,16 @@ impl Driver {
     fn attach_tc(&mut self, dp: &mut Dataplane) {
         // Interfaces that disappeared took their attachment with them.
         self.tc_attached.retain(|i| ifname(*i).is_some());
+        let mut gone = Vec::new();
         for &ifindex in &self.local_ifindexes {
             if self.tc_attached.contains(&ifindex) {
                 continue;
             }
             let Some(name) = ifname(ifindex) else {
-                warn!("local backend interface ifindex {ifindex} is gone; retrying next period");
+                // Its pod is gone; a pod that comes back gets a new veth, resolved when its
+                // endpoint is applied.
+                info!("local backend interface ifindex {ifindex} is gone");
+                gone.push(ifindex);
                 continue;
             };
             match dp.attach_tc_reply(&name) {
@@ -783,6 +883,9 @@ impl Driver {
                 }
                 Err(e) => warn!("{e}; retrying next period"),
             }
+        }
+        for ifindex in gone {
+            self.local_ifindexes.remove(&ifindex);
         }
     }
 
@@ -888,6 +991,9 @@ impl NodeRuntime {
             tc_attached: BTreeSet::new(),
             last_problems: Vec::new(),
             retry: false,
+            failed: false,
+            last_full: Instant::now(),
+            resolved: RefCell::new(ResolveCache::default()),
         };
         driver
             .apply(&mut dp)
@@ -970,13 +1076,43 @@ impl NodeRuntime {
         res
     }
 
-    /// Periodic work: re-applies after a failure or while backends are unresolved (a pod's
-    /// route or neighbour may appear later) and attaches TC to veths that missed it.
+    /// Changes some service ports (None: the port is gone) and applies only those, unless
+    /// the node addresses changed too (then every remote backend may go elsewhere: a full
+    /// apply). Errors are logged and retried by [`NodeRuntime::tick`] with a full apply.
+    pub fn update(
+        &mut self,
+        changes: PortChanges,
+        node_ips: BTreeMap<String, Ipv4Addr>,
+    ) -> Result<ApplyReport, ReconcileError> {
+        let mut changed = BTreeSet::new();
+        for (id, state) in changes {
+            match state {
+                Some(state) => self.driver.desired.services.insert(id.clone(), state),
+                None => self.driver.desired.services.remove(&id),
+            };
+            changed.insert(id);
+        }
+        let full = node_ips != self.driver.node_ips;
+        self.driver.node_ips = node_ips;
+        let res = self
+            .driver
+            .apply_in(&mut self.dp, (!full).then_some(&changed));
+        self.driver.attach_tc(&mut self.dp);
+        res
+    }
+
+    /// Periodic work: re-applies after a failure (in full) or while backends are unresolved
+    /// (their service ports: a pod's route or neighbour may appear later), a full apply every
+    /// [`FULL_APPLY_EVERY`], and attaches TC to veths that missed it.
     pub fn tick(&mut self) {
-        let reapply = self.driver.retry;
-        if reapply {
+        let full = self.driver.failed || self.driver.last_full.elapsed() >= FULL_APPLY_EVERY;
+        let reapply = full || self.driver.retry;
+        if full {
             // Errors are logged and retried next tick.
             let _ = self.driver.apply(&mut self.dp);
+        } else if reapply {
+            // Empty scope: the service ports with problems.
+            let _ = self.driver.apply_in(&mut self.dp, Some(&BTreeSet::new()));
         }
         if reapply || self.driver.tc_pending() {
             self.driver.attach_tc(&mut self.dp);

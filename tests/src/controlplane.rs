@@ -159,6 +159,8 @@ pub enum ControlPlaneError {
         /// Whether the work dir (the log's directory) survives the failure (LBX_KEEP_LOGS=1).
         kept: bool,
     },
+    #[error("etcd: {problem}")]
+    Etcd { problem: String },
     #[error("{action} {component}: it is {state}")]
     State {
         action: &'static str,
@@ -906,6 +908,55 @@ fn etcd_health() -> Result<(), String> {
     }
 }
 
+/// One plain-HTTP POST of JSON to etcd's v3 gateway on loopback; the answer's JSON body.
+fn etcd_post(path: &str, body: &serde_json::Value) -> Result<serde_json::Value, String> {
+    let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, ETCD_CLIENT_PORT);
+    let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(1))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let body = body.to_string();
+    let request = format!(
+        "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).map_err(|e| e.to_string())?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        return Err(format!(
+            "POST {path}: {}: {}",
+            head.lines().next().unwrap_or(""),
+            body.trim()
+        ));
+    }
+    serde_json::from_str(body).map_err(|e| format!("POST {path}: {e}: {body:?}"))
+}
+
+/// Writes a key outside the API server's prefix (moving etcd's revision on) and compacts
+/// etcd's history up to it; returns the revision.
+fn etcd_bump_and_compact() -> Result<i64, String> {
+    // ByteString serializes as base64, which is what the gateway wants for bytes.
+    let b64 = |s: &str| serde_json::json!(k8s_openapi::ByteString(s.as_bytes().to_vec()));
+    let put = etcd_post(
+        "/v3/kv/put",
+        &serde_json::json!({"key": b64("/lbx-test/expire"), "value": b64("x")}),
+    )?;
+    // int64 fields come as JSON strings from the gateway.
+    let revision: i64 = put["header"]["revision"]
+        .as_str()
+        .and_then(|r| r.parse().ok())
+        .or_else(|| put["header"]["revision"].as_i64())
+        .ok_or_else(|| format!("put answered without a revision: {put}"))?;
+    etcd_post(
+        "/v3/kv/compaction",
+        &serde_json::json!({"revision": revision.to_string(), "physical": true}),
+    )?;
+    Ok(revision)
+}
+
 /// Which component a probe waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Component {
@@ -1234,6 +1285,24 @@ impl ControlPlane {
         self.running_apiserver("cannot stop")?
             .stop(APISERVER_STOP_GRACE);
         Ok(())
+    }
+
+    /// What a long outage does to watch history, done now: etcd's revision moves past
+    /// everything clients have seen and the history before it is compacted. Call while the
+    /// API server is stopped; after [`ControlPlane::start_apiserver`] every watch that
+    /// resumes from an older resourceVersion gets 410 Gone and must relist. Returns etcd's
+    /// revision.
+    pub fn expire_watch_history(&mut self) -> Result<i64> {
+        if self.apiserver_running() {
+            return Err(ControlPlaneError::State {
+                action: "cannot expire the watch history of",
+                component: "kube-apiserver",
+                state: "running (its watch cache would keep serving the old history)",
+            });
+        }
+        self.thread()
+            .run(etcd_bump_and_compact)?
+            .map_err(|problem| ControlPlaneError::Etcd { problem })
     }
 
     /// Kills the API server with SIGKILL, like a crash: no graceful shutdown at all.

@@ -14,6 +14,7 @@
 //! unreachable nothing changes: forwarding goes on with the last state.
 
 pub mod healthcheck;
+pub mod slim;
 pub mod state;
 pub mod watch;
 
@@ -87,12 +88,32 @@ pub enum AgentError {
 /// Runs until SIGTERM/SIGINT; Ok after a clean shutdown.
 pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
     runtime::install_signal_handlers()?;
+    limit_malloc_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|source| AgentError::Tokio { source })?;
     rt.block_on(run_async(opts))
+}
+
+/// glibc gives each thread that allocates concurrently its own arena (up to 8 per core) and
+/// keeps freed memory in them: with the runtime's threads and a one-off full sync that
+/// allocates a lot, that is resident memory nobody uses. Two arenas are plenty for an agent
+/// that spends its time waiting.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Returns the heap memory a full sync freed to the kernel (glibc keeps it otherwise).
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 async fn client(opts: &AgentOptions) -> Result<Client, AgentError> {
@@ -174,7 +195,7 @@ async fn run_async(opts: AgentOptions) -> Result<(), AgentError> {
     }
     let mut rt = NodeRuntime::start(
         &opts.node,
-        state.desired().clone(),
+        state.desired(),
         ips.clone(),
         "the API server's Services and EndpointSlices",
     )?;
@@ -190,12 +211,13 @@ async fn run_async(opts: AgentOptions) -> Result<(), AgentError> {
             out,
             "lbx: synced services={} service_ports={} list_s={:.3} sync_s={sync_s:.3}",
             state.services(),
-            state.desired().services.len(),
+            state.service_ports(),
             (listed - started).as_secs_f64()
         );
         let _ = out.flush();
     }
     state::log_sync(&state, "initial sync");
+    release_freed_memory();
 
     let mut control = Control {
         stores,
@@ -217,8 +239,20 @@ async fn run_async(opts: AgentOptions) -> Result<(), AgentError> {
                 while let Ok(c) = rx.try_recv() {
                     batch.push(c);
                 }
-                if control.absorb(batch) {
-                    let _ = rt.set_desired(control.state.desired().clone(), control.ips.clone());
+                let applied = match control.absorb(batch) {
+                    Absorbed::Nothing => false,
+                    Absorbed::Changes => {
+                        let changes = control.state.take_changes();
+                        let _ = rt.update(changes, control.ips.clone());
+                        true
+                    }
+                    Absorbed::Resync => {
+                        let _ = rt.set_desired(control.state.desired(), control.ips.clone());
+                        release_freed_memory();
+                        true
+                    }
+                };
+                if applied {
                     health.update(control.state.health_checks()).await;
                 }
             }
@@ -240,6 +274,16 @@ async fn run_async(opts: AgentOptions) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// What a batch of changes calls for.
+#[derive(Debug, PartialEq, Eq)]
+enum Absorbed {
+    Nothing,
+    /// Some service ports (or the node addresses) changed: apply those.
+    Changes,
+    /// A relist: apply the whole desired state.
+    Resync,
+}
+
 /// The control loop's view: stores, the desired state and the node addresses.
 struct Control {
     stores: Stores,
@@ -250,9 +294,8 @@ struct Control {
 }
 
 impl Control {
-    /// Folds a batch of changes into the desired state; true when the data plane needs an
-    /// apply.
-    fn absorb(&mut self, batch: Vec<Change>) -> bool {
+    /// Folds a batch of changes into the desired state and says what to apply.
+    fn absorb(&mut self, batch: Vec<Change>) -> Absorbed {
         let mut full = false;
         let mut nodes = false;
         let mut services: BTreeSet<ServiceKey> = BTreeSet::new();
@@ -268,8 +311,12 @@ impl Control {
                 Change::Service(key) => {
                     services.insert(key);
                 }
-                Change::Slice(key) => {
-                    slices.insert(key);
+                Change::Slice {
+                    slice,
+                    service,
+                    deleted,
+                } => {
+                    slices.extend(self.state.slice_changed(slice, service, deleted));
                 }
             }
         }
@@ -292,14 +339,15 @@ impl Control {
         if full {
             self.state.resync(&self.stores);
             state::log_sync(&self.state, "resync");
-            return true;
-        }
-        for key in &slices {
-            self.state.refresh_slices_of(&self.stores, key);
+            return Absorbed::Resync;
         }
         for key in services.iter().chain(&slices) {
             changed |= self.state.update_service(&self.stores, key);
         }
-        changed
+        if changed {
+            Absorbed::Changes
+        } else {
+            Absorbed::Nothing
+        }
     }
 }

@@ -1,7 +1,10 @@
 //! The agent's desired state, kept up to date incrementally: a change to one Service or one
 //! of its EndpointSlices retranslates only that Service ([`crate::translate::translate`] on
-//! it and its slices), so an update costs the same at 1 and at 10 000 Services. A full
-//! resync (after any reflector's InitDone) retranslates everything from the stores.
+//! it and its slices) and records which service ports changed, so the runtime applies only
+//! those ([`crate::runtime::NodeRuntime::update`]) and an update costs the same at 1 and at
+//! 10 000 Services. A full resync (after any reflector's InitDone) retranslates everything
+//! from the stores. The one complete [`DesiredState`] lives in the runtime; this keeps each
+//! Service's own contribution.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -9,12 +12,15 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::slim::SlimEndpointSlice;
 use kube::runtime::reflector::ObjectRef;
 use kube::ResourceExt as _;
 use log::{info, warn};
 
 use super::watch::{service_key, slice_service_key, ServiceKey, Stores};
 use crate::model::{DesiredState, ServicePortId, ServicePortState};
+use crate::runtime::PortChanges;
 use crate::translate::{translate, Skipped, TranslateOptions};
 
 /// What one Service contributes.
@@ -40,9 +46,12 @@ pub struct AgentState {
     node_name: String,
     opts: TranslateOptions,
     /// EndpointSlices by the Service they belong to.
-    slices_by_service: HashMap<ServiceKey, HashSet<ObjectRef<EndpointSlice>>>,
+    slices_by_service: HashMap<ServiceKey, HashSet<ObjectRef<SlimEndpointSlice>>>,
+    /// The other way round: the Service each EndpointSlice's label named when last seen.
+    slice_owner: HashMap<ObjectRef<SlimEndpointSlice>, ServiceKey>,
     entries: BTreeMap<ServiceKey, ServiceEntry>,
-    desired: DesiredState,
+    /// Service ports whose state changed since [`AgentState::take_changes`].
+    dirty: BTreeSet<ServicePortId>,
 }
 
 impl AgentState {
@@ -51,48 +60,95 @@ impl AgentState {
             node_name: node_name.to_string(),
             opts,
             slices_by_service: HashMap::new(),
+            slice_owner: HashMap::new(),
             entries: BTreeMap::new(),
-            desired: DesiredState::default(),
+            dirty: BTreeSet::new(),
         }
     }
 
-    pub fn desired(&self) -> &DesiredState {
-        &self.desired
+    /// The complete desired state (for start-up and full resyncs).
+    pub fn desired(&self) -> DesiredState {
+        DesiredState {
+            services: self
+                .entries
+                .values()
+                .flat_map(|e| e.ports.iter().cloned())
+                .collect(),
+        }
     }
 
-    /// Everything from the stores: after a (re)list of any kind.
+    /// How many service ports the desired state has.
+    pub fn service_ports(&self) -> usize {
+        self.entries.values().map(|e| e.ports.len()).sum()
+    }
+
+    /// The service ports changed since the last call (or resync), with their new state (None:
+    /// gone).
+    pub fn take_changes(&mut self) -> PortChanges {
+        std::mem::take(&mut self.dirty)
+            .into_iter()
+            .map(|id| {
+                let state = self
+                    .entries
+                    .get(&(id.namespace.clone(), id.name.clone()))
+                    .and_then(|e| e.ports.iter().find(|(p, _)| *p == id))
+                    .map(|(_, st)| st.clone());
+                (id, state)
+            })
+            .collect()
+    }
+
+    /// Everything from the stores: after a (re)list of any kind. The caller applies
+    /// [`AgentState::desired`] in full; pending changes are part of it.
     pub fn resync(&mut self, stores: &Stores) {
         self.slices_by_service.clear();
+        self.slice_owner.clear();
         for slice in stores.slices.state() {
-            if let Some(key) = slice_service_key(&slice) {
-                self.slices_by_service
-                    .entry(key)
-                    .or_default()
-                    .insert(ObjectRef::from_obj(&*slice));
-            }
+            let key = slice_service_key(&slice);
+            self.slice_changed(ObjectRef::from_obj(&*slice), key, false);
         }
         let mut keys: BTreeSet<ServiceKey> = self.entries.keys().cloned().collect();
         keys.extend(stores.services.state().iter().map(|s| service_key(s)));
         for key in keys {
             self.update_service(stores, &key);
         }
+        self.dirty.clear();
     }
 
-    /// One of this Service's EndpointSlices changed: re-index its slices (one may have been
-    /// created, deleted or relabelled).
-    pub fn refresh_slices_of(&mut self, stores: &Stores, key: &ServiceKey) {
-        let refs: HashSet<ObjectRef<EndpointSlice>> = stores
-            .slices
-            .state()
-            .iter()
-            .filter(|s| slice_service_key(s).as_ref() == Some(key))
-            .map(|s| ObjectRef::from_obj(&**s))
-            .collect();
-        if refs.is_empty() {
-            self.slices_by_service.remove(key);
-        } else {
-            self.slices_by_service.insert(key.clone(), refs);
+    /// An EndpointSlice was applied (`service`: the Service its label names now, if any) or
+    /// deleted: re-index it, without looking at the other slices. Returns the Services whose
+    /// slices changed: the one it belongs to, and the one it left if it was relabelled.
+    pub fn slice_changed(
+        &mut self,
+        slice: ObjectRef<SlimEndpointSlice>,
+        service: Option<ServiceKey>,
+        deleted: bool,
+    ) -> Vec<ServiceKey> {
+        let service = if deleted { None } else { service };
+        let old = self.slice_owner.remove(&slice);
+        let mut touched = Vec::new();
+        if let Some(old) = old {
+            if Some(&old) != service.as_ref() {
+                if let Some(set) = self.slices_by_service.get_mut(&old) {
+                    set.remove(&slice);
+                    if set.is_empty() {
+                        self.slices_by_service.remove(&old);
+                    }
+                }
+            }
+            touched.push(old);
         }
+        if let Some(key) = service {
+            self.slices_by_service
+                .entry(key.clone())
+                .or_default()
+                .insert(slice.clone());
+            self.slice_owner.insert(slice, key.clone());
+            if !touched.contains(&key) {
+                touched.push(key);
+            }
+        }
+        touched
     }
 
     /// Retranslates one Service from the stores; true when its contribution changed.
@@ -103,14 +159,14 @@ impl AgentState {
         let new = match svc {
             None => ServiceEntry::default(),
             Some(svc) => {
-                let slices: Vec<Arc<EndpointSlice>> = self
+                let slices: Vec<EndpointSlice> = self
                     .slices_by_service
                     .get(key)
                     .into_iter()
                     .flatten()
                     .filter_map(|r| stores.slices.get(r))
+                    .map(|s| s.to_full())
                     .collect();
-                let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
                 let (desired, skipped) = translate(&[&*svc], &slices, &self.node_name, &self.opts);
                 let hcnp = health_check_port(&svc, &desired);
                 ServiceEntry {
@@ -129,12 +185,10 @@ impl AgentState {
                 warn!("{s}");
             }
         }
-        for (id, _) in &old.ports {
-            self.desired.services.remove(id);
-        }
-        for (id, state) in &new.ports {
-            self.desired.services.insert(id.clone(), state.clone());
-        }
+        self.dirty
+            .extend(old.ports.iter().map(|(id, _)| id.clone()));
+        self.dirty
+            .extend(new.ports.iter().map(|(id, _)| id.clone()));
         if new == ServiceEntry::default() {
             self.entries.remove(key);
         } else {
@@ -235,7 +289,7 @@ pub fn log_sync(state: &AgentState, what: &str) {
     info!(
         "{what}: {} services accelerated, {} service ports",
         state.services(),
-        state.desired().services.len()
+        state.service_ports()
     );
 }
 
@@ -250,7 +304,7 @@ mod tests {
 
     struct Fake {
         services: Writer<Service>,
-        slices: Writer<EndpointSlice>,
+        slices: Writer<SlimEndpointSlice>,
         nodes: Writer<Node>,
         stores: Stores,
     }
@@ -284,7 +338,7 @@ mod tests {
         .unwrap()
     }
 
-    fn slice(ns: &str, svc: &str, name: &str, eps: &[(&str, &str, bool)]) -> EndpointSlice {
+    fn slice(ns: &str, svc: &str, name: &str, eps: &[(&str, &str, bool)]) -> SlimEndpointSlice {
         let endpoints: Vec<_> = eps
             .iter()
             .map(|(ip, node, ready)| {
@@ -315,7 +369,7 @@ mod tests {
         let services = stores.services.state();
         let slices = stores.slices.state();
         let s: Vec<&Service> = services.iter().map(|s| &**s).collect();
-        let e: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
+        let e: Vec<EndpointSlice> = slices.iter().map(|s| s.to_full()).collect();
         translate(&s, &e, NODE, &TranslateOptions::default()).0
     }
 
@@ -338,26 +392,51 @@ mod tests {
             )));
         }
         st.resync(&f.stores);
-        assert_eq!(st.desired(), &full(&f.stores));
+        assert_eq!(st.desired(), full(&f.stores));
         assert_eq!(st.desired().services.len(), 5);
+        assert_eq!(st.service_ports(), 5);
+        assert!(st.take_changes().is_empty(), "a resync is applied in full");
+        // What the runtime holds: the resync's state, then only the changes.
+        let mut runtime = st.desired();
+        let mut apply = |st: &mut AgentState| {
+            let changes = st.take_changes();
+            for (id, state) in changes.iter().cloned() {
+                match state {
+                    Some(state) => runtime.services.insert(id, state),
+                    None => runtime.services.remove(&id),
+                };
+            }
+            (changes.len(), runtime.clone())
+        };
 
         // A second slice for s1, then a change in one endpoint, then the slice's deletion.
         let extra = slice("a", "s1", "s1-y", &[("10.77.1.11", "n0", true)]);
         f.slices.apply_watcher_event(&Event::Apply(extra.clone()));
         let key = ("a".to_string(), "s1".to_string());
-        st.refresh_slices_of(&f.stores, &key);
+        let extra_ref = ObjectRef::from_obj(&extra);
+        assert_eq!(
+            st.slice_changed(extra_ref.clone(), Some(key.clone()), false),
+            vec![key.clone()]
+        );
         assert!(st.update_service(&f.stores, &key));
-        assert_eq!(st.desired(), &full(&f.stores));
-        let s1 = st.desired().services.values().nth(1).unwrap();
+        assert_eq!(st.desired(), full(&f.stores));
+        let d = st.desired();
+        let s1 = d.services.values().nth(1).unwrap();
         assert_eq!(s1.backends.len(), 3);
+        assert_eq!(apply(&mut st), (1, full(&f.stores)), "one port changed");
 
         // Unchanged input: no change reported.
         assert!(!st.update_service(&f.stores, &key));
+        assert_eq!(apply(&mut st).0, 0);
 
         f.slices.apply_watcher_event(&Event::Delete(extra));
-        st.refresh_slices_of(&f.stores, &key);
+        assert_eq!(
+            st.slice_changed(extra_ref, Some(key.clone()), true),
+            vec![key.clone()]
+        );
         assert!(st.update_service(&f.stores, &key));
-        assert_eq!(st.desired(), &full(&f.stores));
+        assert_eq!(st.desired(), full(&f.stores));
+        assert_eq!(apply(&mut st), (1, full(&f.stores)));
 
         // Service deleted: its ports leave the desired state; the others stay.
         let s3 = svc("a", "s3", 30003, false);
@@ -365,7 +444,14 @@ mod tests {
         let key3 = ("a".to_string(), "s3".to_string());
         assert!(st.update_service(&f.stores, &key3));
         assert_eq!(st.desired().services.len(), 4);
-        assert_eq!(st.desired(), &full(&f.stores));
+        assert_eq!(st.desired(), full(&f.stores));
+        let (n, runtime) = apply(&mut st);
+        assert_eq!(
+            (n, runtime.services.len()),
+            (1, 4),
+            "the deletion is a change"
+        );
+        assert_eq!(runtime, full(&f.stores));
     }
 
     #[test]
@@ -384,13 +470,9 @@ mod tests {
             .apply_watcher_event(&Event::InitApply(svc("a", "kept", 30002, false)));
         f.services.apply_watcher_event(&Event::InitDone);
         st.resync(&f.stores);
-        assert_eq!(st.desired(), &full(&f.stores));
-        let names: Vec<&str> = st
-            .desired()
-            .services
-            .keys()
-            .map(|k| k.name.as_str())
-            .collect();
+        assert_eq!(st.desired(), full(&f.stores));
+        let d = st.desired();
+        let names: Vec<&str> = d.services.keys().map(|k| k.name.as_str()).collect();
         assert_eq!(names, vec!["kept"]);
     }
 
@@ -417,7 +499,8 @@ mod tests {
         assert_eq!(*port, 32080);
         assert_eq!(check.local_endpoints, 1);
         // Local only: the remote endpoint is not a backend here.
-        let state = st.desired().services.values().next().unwrap();
+        let d = st.desired();
+        let state = d.services.values().next().unwrap();
         assert!(state.local_only);
         assert!(state.backends.iter().all(|b| b.local));
 
@@ -429,7 +512,8 @@ mod tests {
             &[("10.77.2.10", "n1", true)],
         )));
         let key = ("ui".to_string(), "ui-nlb".to_string());
-        st.refresh_slices_of(&f.stores, &key);
+        let a = slice("ui", "ui-nlb", "ui-nlb-a", &[]);
+        st.slice_changed(ObjectRef::from_obj(&a), Some(key.clone()), false);
         st.update_service(&f.stores, &key);
         assert_eq!(st.health_checks()[&32080].local_endpoints, 0);
 

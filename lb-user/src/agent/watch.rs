@@ -17,8 +17,7 @@ use std::sync::Arc;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt as _;
 use kube::{Api, Client, Resource, ResourceExt as _};
@@ -26,6 +25,7 @@ use log::{info, warn};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
+use super::slim::SlimEndpointSlice;
 use crate::translate::{ACCELERATE_ANNOTATION, SERVICE_NAME_LABEL};
 
 /// Which reflector an event came from.
@@ -54,8 +54,12 @@ pub type ServiceKey = (String, String);
 pub enum Change {
     /// This Service changed or went away.
     Service(ServiceKey),
-    /// An EndpointSlice of this Service changed or went away.
-    Slice(ServiceKey),
+    /// An EndpointSlice changed (`service`: the Service its label names, if any) or went away.
+    Slice {
+        slice: ObjectRef<SlimEndpointSlice>,
+        service: Option<ServiceKey>,
+        deleted: bool,
+    },
     /// A Node changed or went away (node addresses, this node's existence).
     Node,
     /// A full list of this kind is in its store.
@@ -73,7 +77,7 @@ pub struct WatchStats {
 #[derive(Clone)]
 pub struct Stores {
     pub services: Store<Service>,
-    pub slices: Store<EndpointSlice>,
+    pub slices: Store<SlimEndpointSlice>,
     pub nodes: Store<Node>,
 }
 
@@ -84,15 +88,21 @@ pub fn spawn(client: &Client, tx: mpsc::UnboundedSender<Change>, stats: Arc<Watc
         Kind::Service,
         tx.clone(),
         stats.clone(),
-        |svc| Some(service_key(svc)),
+        |svc, _| Some(Change::Service(service_key(svc))),
         trim_service,
     );
-    let slices = spawn_one::<EndpointSlice>(
+    let slices = spawn_one::<SlimEndpointSlice>(
         Api::all(client.clone()),
         Kind::EndpointSlice,
         tx.clone(),
         stats.clone(),
-        slice_service_key,
+        |slice, deleted| {
+            Some(Change::Slice {
+                slice: ObjectRef::from_obj(slice),
+                service: slice_service_key(slice),
+                deleted,
+            })
+        },
         trim_slice,
     );
     let nodes = spawn_one::<Node>(
@@ -100,7 +110,7 @@ pub fn spawn(client: &Client, tx: mpsc::UnboundedSender<Change>, stats: Arc<Watc
         Kind::Node,
         tx,
         stats,
-        |_| None,
+        |_, _| Some(Change::Node),
         trim_node,
     );
     Stores {
@@ -118,7 +128,7 @@ pub fn service_key(svc: &Service) -> ServiceKey {
 }
 
 /// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label).
-pub fn slice_service_key(slice: &EndpointSlice) -> Option<ServiceKey> {
+pub fn slice_service_key(slice: &SlimEndpointSlice) -> Option<ServiceKey> {
     let svc = slice.labels().get(SERVICE_NAME_LABEL)?;
     Some((
         slice.namespace().unwrap_or_else(|| "default".into()),
@@ -134,13 +144,11 @@ fn trim_service(svc: &mut Service) {
         .retain(|k, _| k == ACCELERATE_ANNOTATION);
 }
 
-fn trim_slice(slice: &mut EndpointSlice) {
+fn trim_slice(slice: &mut SlimEndpointSlice) {
     slice.managed_fields_mut().clear();
     slice.annotations_mut().clear();
-    for ep in &mut slice.endpoints {
-        ep.target_ref = None;
-        ep.hints = None;
-    }
+    slice.labels_mut().retain(|k, _| k == SERVICE_NAME_LABEL);
+    slice.metadata.owner_references = None;
 }
 
 fn trim_node(node: &mut Node) {
@@ -163,7 +171,7 @@ fn spawn_one<K>(
     kind: Kind,
     tx: mpsc::UnboundedSender<Change>,
     stats: Arc<WatchStats>,
-    key_of: fn(&K) -> Option<ServiceKey>,
+    change_of: fn(&K, bool) -> Option<Change>,
     trim: fn(&mut K),
 ) -> Store<K>
 where
@@ -179,11 +187,8 @@ where
         let mut failing = false;
         while let Some(item) = stream.next().await {
             let change = match item {
-                Ok(Event::Apply(obj)) | Ok(Event::Delete(obj)) => match kind {
-                    Kind::Node => Some(Change::Node),
-                    Kind::Service => key_of(&obj).map(Change::Service),
-                    Kind::EndpointSlice => key_of(&obj).map(Change::Slice),
-                },
+                Ok(Event::Apply(obj)) => change_of(&obj, false),
+                Ok(Event::Delete(obj)) => change_of(&obj, true),
                 Ok(Event::Init) => None,
                 Ok(Event::InitApply(_)) => None,
                 Ok(Event::InitDone) => {

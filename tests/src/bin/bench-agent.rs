@@ -142,6 +142,8 @@ const PORT_NAME: &str = "http";
 const MANAGED_BY: &str = "lbx-bench.lbx.io";
 /// What kube-proxy's network-programming latency is measured from.
 const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// A unique value per timed write, so the benchmark's own watch can tell when it saw which.
+const WRITE_ANNOTATION: &str = "lbx.bench/write";
 /// Service i's externalIP is EXTERNAL_IP_BASE + 1 + i (198.18.0.0/15, benchmarking space).
 const EXTERNAL_IP_BASE: u32 = u32::from_be_bytes([198, 18, 0, 0]);
 /// Initial endpoint k (= service * endpoints + j) is ENDPOINT_BASE + k.
@@ -258,6 +260,10 @@ struct AgentCase {
     update_p50_ms: f64,
     update_p99_ms: f64,
     updates: LatencySummary,
+    /// The same writes as a plain watch in the benchmark process saw them arrive (write ->
+    /// watch event): the API server's own delivery time, a floor for any agent (and for
+    /// kube-proxy) on this machine. Writes the watch never saw count as the timeout.
+    api_watch: LatencySummary,
     /// Agent CPU time per timed change (user + system), ms.
     cpu_ms_per_update: f64,
     /// max(VmRSS, VmHWM) over both samples.
@@ -508,6 +514,9 @@ impl Drop for Logs {
 struct Cluster {
     rt: tokio::runtime::Runtime,
     client: Client,
+    /// When the benchmark's own watch saw each timed write (by its WRITE_ANNOTATION value).
+    watched: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
+    next_write: usize,
     /// Current endpoint addresses per Service.
     endpoints: Vec<Vec<Ipv4Addr>>,
     per_service: usize,
@@ -611,6 +620,8 @@ impl Cluster {
         Ok(Cluster {
             rt,
             client,
+            watched: Default::default(),
+            next_write: 0,
             endpoints: Vec::new(),
             per_service,
             next_fresh: 0,
@@ -619,6 +630,46 @@ impl Cluster {
 
     fn services(&self) -> usize {
         self.endpoints.len()
+    }
+
+    /// Starts a watch of the benchmark's EndpointSlices that records when each timed write
+    /// arrives, and waits for its first list. It runs until the benchmark ends.
+    fn watch_writes(&self) -> Result<()> {
+        use kube::runtime::watcher::{self, Event};
+        let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), K8S_NAMESPACE);
+        let watched = self.watched.clone();
+        let (listed_tx, listed_rx) = std::sync::mpsc::channel();
+        self.rt.spawn(async move {
+            let mut stream = std::pin::pin!(watcher::watcher(api, watcher::Config::default()));
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(Event::Apply(slice)) => {
+                        let now = Instant::now();
+                        if let Some(w) = slice
+                            .metadata
+                            .annotations
+                            .as_ref()
+                            .and_then(|a| a.get(WRITE_ANNOTATION))
+                        {
+                            watched.lock().unwrap().entry(w.clone()).or_insert(now);
+                        }
+                    }
+                    Ok(Event::InitDone) => {
+                        let _ = listed_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(e) => eprintln!("  (the benchmark's own watch: {e}; it retries)"),
+                }
+            }
+        });
+        listed_rx
+            .recv_timeout(Duration::from_secs(120))
+            .context("the benchmark's own watch of the EndpointSlices did not list them in 120 s")
+    }
+
+    /// When the benchmark's watch saw write `w`, if it did.
+    fn watched_at(&self, w: &str) -> Option<Instant> {
+        self.watched.lock().unwrap().get(w).copied()
     }
 
     /// Creates Services and EndpointSlices until there are `to`; returns the objects made.
@@ -692,8 +743,15 @@ impl Cluster {
         &mut self,
         i: usize,
         j: usize,
-    ) -> Result<(Ipv4Addr, Instant, tokio::task::JoinHandle<Result<()>>)> {
+    ) -> Result<(
+        Ipv4Addr,
+        Instant,
+        String,
+        tokio::task::JoinHandle<Result<()>>,
+    )> {
         let fresh = ip_of(FRESH_BASE, self.next_fresh);
+        let write = format!("w{}", self.next_write);
+        self.next_write += 1;
         self.next_fresh += 1;
         self.endpoints[i][j] = fresh;
         let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), K8S_NAMESPACE);
@@ -703,6 +761,7 @@ impl Cluster {
         let patch = json!({
             "metadata": { "annotations": {
                 TRIGGER_TIME_ANNOTATION: Timestamp::now().to_string(),
+                WRITE_ANNOTATION: write.clone(),
             }},
             "endpoints": endpoints,
         });
@@ -713,7 +772,7 @@ impl Cluster {
                 .map(drop)
                 .with_context(|| format!("patching EndpointSlice {name}"))
         });
-        Ok((fresh, started, handle))
+        Ok((fresh, started, write, handle))
     }
 
     fn finish_write(&self, handle: tokio::task::JoinHandle<Result<()>>) -> Result<()> {
@@ -874,6 +933,8 @@ struct Bench {
     kube_proxy_bin: PathBuf,
     logs: Logs,
     rng: Rng,
+    /// The benchmark's own watch of the writes is running (started before the first updates).
+    watching: bool,
 }
 
 impl Bench {
@@ -969,15 +1030,21 @@ impl Bench {
         }
 
         // Updates.
+        if !self.watching {
+            self.cluster.watch_writes()?;
+            self.watching = true;
+        }
         let cpu_before = cpu_seconds(pid)?;
         let mut latencies = Vec::with_capacity(self.args.updates);
+        let mut writes = Vec::with_capacity(self.args.updates);
         let mut failed = 0;
         let poll_every = Duration::from_micros(self.args.poll_us);
         for k in 0..self.args.updates {
             check_interrupted()?;
             let i = self.rng.below(n);
             let j = k % per;
-            let (addr, started, write) = self.cluster.replace_endpoint(i, j)?;
+            let (addr, started, write_id, write) = self.cluster.replace_endpoint(i, j)?;
+            writes.push((write_id, started));
             let seen = loop {
                 if poller.holds(i, addr)? {
                     break Some(started.elapsed());
@@ -1016,6 +1083,20 @@ impl Bench {
         };
         let rss_after_updates = memory(pid)?;
         let updates = summarize(&latencies, failed, UPDATE_TIMEOUT);
+        // The benchmark's own watch saw the writes no later than the agent's (give it 1 s).
+        std::thread::sleep(Duration::from_secs(1));
+        let (mut api_ms, mut api_missed) = (Vec::new(), 0);
+        for (w, started) in &writes {
+            match self.cluster.watched_at(w) {
+                Some(t) => api_ms.push(t.saturating_duration_since(*started).as_secs_f64() * 1e3),
+                None => api_missed += 1,
+            }
+        }
+        let api_watch = summarize(&api_ms, api_missed, UPDATE_TIMEOUT);
+        eprintln!(
+            "  the same writes through a plain watch: p50 {:.2} ms, p99 {:.2} ms ({} missed)",
+            api_watch.p50_ms, api_watch.p99_ms, api_missed
+        );
         eprintln!(
             "  updates: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {} failed; RSS {:.1} MiB \
              (HWM {:.1})",
@@ -1059,6 +1140,7 @@ impl Bench {
             update_p50_ms: updates.p50_ms,
             update_p99_ms: updates.p99_ms,
             updates,
+            api_watch,
             cpu_ms_per_update,
             rss_mib,
             rss_after_sync,
@@ -1226,7 +1308,8 @@ impl Bench {
                 before.get(&format!("{NPL}_sum")),
             );
             let i = self.rng.below(n);
-            let (_, started, write) = self.cluster.replace_endpoint(i, k % self.args.endpoints)?;
+            let (_, started, _, write) =
+                self.cluster.replace_endpoint(i, k % self.args.endpoints)?;
             self.cluster.finish_write(write)?;
             let seen = loop {
                 let m = self.scrape()?;
@@ -1365,7 +1448,7 @@ fn print_tables(cases: &[AgentCase], proxy: &[KubeProxyCase], targets: &[Target]
         cases.first().map_or(0, |c| c.endpoints_per_service)
     );
     println!(
-        "{:>8} {:>7} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8} {:>7} {:>9}",
+        "{:>8} {:>7} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8} {:>7} {:>9}",
         "services",
         "maglev",
         "list_s",
@@ -1374,6 +1457,8 @@ fn print_tables(cases: &[AgentCase], proxy: &[KubeProxyCase], targets: &[Target]
         "upd_p50",
         "upd_p99",
         "upd_max",
+        "api_p50",
+        "api_p99",
         "failed",
         "rss_MiB",
         "anon_MiB",
@@ -1382,7 +1467,7 @@ fn print_tables(cases: &[AgentCase], proxy: &[KubeProxyCase], targets: &[Target]
     );
     for c in cases {
         println!(
-            "{:>8} {:>7} {:>8.3} {:>8.3} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>6} {:>8.1} {:>8.1} {:>7.2} {:>9}",
+            "{:>8} {:>7} {:>8.3} {:>8.3} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>6} {:>8.1} {:>8.1} {:>7.2} {:>9}",
             c.services,
             c.maglev_size,
             c.list_s,
@@ -1391,6 +1476,8 @@ fn print_tables(cases: &[AgentCase], proxy: &[KubeProxyCase], targets: &[Target]
             c.update_p50_ms,
             c.update_p99_ms,
             c.updates.max_ms,
+            c.api_watch.p50_ms,
+            c.api_watch.p99_ms,
             c.updates.failed,
             c.rss_mib,
             c.rss_after_updates.rss_anon_mib,
@@ -1571,6 +1658,7 @@ fn run() -> Result<()> {
         kube_proxy_bin,
         logs,
         rng: Rng(0x9e37_79b9_7f4a_7c15),
+        watching: false,
     };
     let result = measure(&mut bench, &sizes, bench_started);
     if result.is_err() {
