@@ -1086,6 +1086,9 @@ impl NodeRuntime {
     ) -> Result<ApplyReport, ReconcileError> {
         let mut changed = BTreeSet::new();
         for (id, state) in changes {
+            if self.driver.desired.services.get(&id) == state.as_ref() {
+                continue; // retranslated to what it was
+            }
             match state {
                 Some(state) => self.driver.desired.services.insert(id.clone(), state),
                 None => self.driver.desired.services.remove(&id),
@@ -1093,6 +1096,9 @@ impl NodeRuntime {
             changed.insert(id);
         }
         let full = node_ips != self.driver.node_ips;
+        if changed.is_empty() && !full {
+            return Ok(ApplyReport::default());
+        }
         self.driver.node_ips = node_ips;
         let res = self
             .driver

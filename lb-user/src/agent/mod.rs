@@ -186,6 +186,7 @@ async fn run_async(opts: AgentOptions) -> Result<(), AgentError> {
         },
     );
     state.resync(&stores);
+    let desired = state.take_desired();
     let (ips, found) = node_ips(&stores.nodes.state(), &node);
     if !found {
         warn!(
@@ -195,7 +196,7 @@ async fn run_async(opts: AgentOptions) -> Result<(), AgentError> {
     }
     let mut rt = NodeRuntime::start(
         &opts.node,
-        state.desired(),
+        desired,
         ips.clone(),
         "the API server's Services and EndpointSlices",
     )?;
@@ -247,7 +248,7 @@ async fn run_async(opts: AgentOptions) -> Result<(), AgentError> {
                         true
                     }
                     Absorbed::Resync => {
-                        let _ = rt.set_desired(control.state.desired(), control.ips.clone());
+                        let _ = rt.set_desired(control.state.take_desired(), control.ips.clone());
                         release_freed_memory();
                         true
                     }

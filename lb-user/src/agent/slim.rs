@@ -25,16 +25,34 @@ pub struct SlimEndpointSlice {
     pub ports: Option<Vec<EndpointPort>>,
 }
 
-/// One endpoint: its addresses, conditions and node.
+/// One endpoint: its first address (the API says all of them are fungible and consumers
+/// may use only the first, as kube-proxy does), conditions and node.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SlimEndpoint {
-    #[serde(default, deserialize_with = "null_as_empty")]
-    pub addresses: Vec<String>,
+    #[serde(
+        default,
+        rename = "addresses",
+        deserialize_with = "first_of",
+        serialize_with = "as_list"
+    )]
+    pub address: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conditions: Option<EndpointConditions>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
+}
+
+/// The first element of a list (`null` and `[]`: None).
+fn first_of<'de, D>(d: D) -> Result<Option<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Ok(null_as_empty::<D, String>(d)?.into_iter().next())
+}
+
+fn as_list<S: serde::Serializer>(a: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    a.iter().collect::<Vec<_>>().serialize(s)
 }
 
 /// `null` or a missing field as an empty list, as k8s_openapi reads list fields.
@@ -77,7 +95,7 @@ impl SlimEndpointSlice {
                 .endpoints
                 .iter()
                 .map(|e| SlimEndpoint {
-                    addresses: e.addresses.clone(),
+                    address: e.addresses.first().cloned(),
                     conditions: e.conditions.clone(),
                     node_name: e.node_name.clone(),
                 })
@@ -95,7 +113,7 @@ impl SlimEndpointSlice {
                 .endpoints
                 .iter()
                 .map(|e| Endpoint {
-                    addresses: e.addresses.clone(),
+                    addresses: e.address.iter().cloned().collect(),
                     conditions: e.conditions.clone(),
                     node_name: e.node_name.clone(),
                     ..Endpoint::default()
@@ -158,7 +176,14 @@ mod tests {
         assert!(slim.endpoints.is_empty());
         assert_eq!(slim, SlimEndpointSlice::from_full(&full));
         let ep: SlimEndpoint = serde_json::from_value(json!({"addresses": null})).unwrap();
-        assert!(ep.addresses.is_empty());
+        assert_eq!(ep.address, None);
+        let ep: SlimEndpoint =
+            serde_json::from_value(json!({"addresses": ["10.0.0.1", "10.0.0.2"]})).unwrap();
+        assert_eq!(ep.address.as_deref(), Some("10.0.0.1"));
+        assert_eq!(
+            serde_json::to_value(&ep).unwrap()["addresses"],
+            json!(["10.0.0.1"])
+        );
     }
 
     #[test]

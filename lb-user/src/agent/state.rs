@@ -23,14 +23,17 @@ use crate::model::{DesiredState, ServicePortId, ServicePortState};
 use crate::runtime::PortChanges;
 use crate::translate::{translate, Skipped, TranslateOptions};
 
-/// What one Service contributes.
+/// What one Service contributes. Its ports' states are not kept here: they go to the
+/// runtime (through [`AgentState::take_changes`]), which holds the one desired state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct ServiceEntry {
-    ports: Vec<(ServicePortId, ServicePortState)>,
+    ports: Vec<ServicePortId>,
     /// Why parts of it were left out (logged when this changes).
     skipped: Vec<String>,
     /// spec.healthCheckNodePort of an accelerated externalTrafficPolicy Local LoadBalancer.
     health_check_node_port: Option<u16>,
+    /// Ready endpoints of the Service on this node (distinct pod addresses).
+    local_ready: usize,
 }
 
 /// A healthCheckNodePort to serve and what it answers.
@@ -50,8 +53,9 @@ pub struct AgentState {
     /// The other way round: the Service each EndpointSlice's label named when last seen.
     slice_owner: HashMap<ObjectRef<SlimEndpointSlice>, ServiceKey>,
     entries: BTreeMap<ServiceKey, ServiceEntry>,
-    /// Service ports whose state changed since [`AgentState::take_changes`].
-    dirty: BTreeSet<ServicePortId>,
+    /// Service ports retranslated since [`AgentState::take_changes`]: the new state, or
+    /// None when the port is gone. The runtime ignores states equal to what it has.
+    pending: BTreeMap<ServicePortId, Option<ServicePortState>>,
 }
 
 impl AgentState {
@@ -62,17 +66,17 @@ impl AgentState {
             slices_by_service: HashMap::new(),
             slice_owner: HashMap::new(),
             entries: BTreeMap::new(),
-            dirty: BTreeSet::new(),
+            pending: BTreeMap::new(),
         }
     }
 
-    /// The complete desired state (for start-up and full resyncs).
-    pub fn desired(&self) -> DesiredState {
+    /// The complete desired state after [`AgentState::resync`] (which retranslated every
+    /// Service into the pending changes); nothing stays pending.
+    pub fn take_desired(&mut self) -> DesiredState {
         DesiredState {
-            services: self
-                .entries
-                .values()
-                .flat_map(|e| e.ports.iter().cloned())
+            services: std::mem::take(&mut self.pending)
+                .into_iter()
+                .filter_map(|(id, state)| Some((id, state?)))
                 .collect(),
         }
     }
@@ -82,25 +86,16 @@ impl AgentState {
         self.entries.values().map(|e| e.ports.len()).sum()
     }
 
-    /// The service ports changed since the last call (or resync), with their new state (None:
+    /// The service ports retranslated since the last call, with their new state (None:
     /// gone).
     pub fn take_changes(&mut self) -> PortChanges {
-        std::mem::take(&mut self.dirty)
-            .into_iter()
-            .map(|id| {
-                let state = self
-                    .entries
-                    .get(&(id.namespace.clone(), id.name.clone()))
-                    .and_then(|e| e.ports.iter().find(|(p, _)| *p == id))
-                    .map(|(_, st)| st.clone());
-                (id, state)
-            })
-            .collect()
+        std::mem::take(&mut self.pending).into_iter().collect()
     }
 
     /// Everything from the stores: after a (re)list of any kind. The caller applies
-    /// [`AgentState::desired`] in full; pending changes are part of it.
+    /// [`AgentState::take_desired`] in full.
     pub fn resync(&mut self, stores: &Stores) {
+        self.pending.clear();
         self.slices_by_service.clear();
         self.slice_owner.clear();
         for slice in stores.slices.state() {
@@ -112,7 +107,6 @@ impl AgentState {
         for key in keys {
             self.update_service(stores, &key);
         }
-        self.dirty.clear();
     }
 
     /// An EndpointSlice was applied (`service`: the Service its label names now, if any) or
@@ -151,13 +145,14 @@ impl AgentState {
         touched
     }
 
-    /// Retranslates one Service from the stores; true when its contribution changed.
+    /// Retranslates one Service from the stores and queues its ports' states (and the
+    /// removal of ports it no longer has); true when anything was queued.
     pub fn update_service(&mut self, stores: &Stores, key: &ServiceKey) -> bool {
         let svc = stores
             .services
             .get(&ObjectRef::<Service>::new(&key.1).within(&key.0));
-        let new = match svc {
-            None => ServiceEntry::default(),
+        let (new, states) = match svc {
+            None => (ServiceEntry::default(), Vec::new()),
             Some(svc) => {
                 let slices: Vec<EndpointSlice> = self
                     .slices_by_service
@@ -169,32 +164,38 @@ impl AgentState {
                     .collect();
                 let (desired, skipped) = translate(&[&*svc], &slices, &self.node_name, &self.opts);
                 let hcnp = health_check_port(&svc, &desired);
-                ServiceEntry {
-                    ports: desired.services.into_iter().collect(),
+                let local_ready: BTreeSet<Ipv4Addr> = desired
+                    .services
+                    .values()
+                    .flat_map(|st| st.ring_backends().filter(|b| b.local && b.ready))
+                    .map(|b| b.addr)
+                    .collect();
+                let entry = ServiceEntry {
+                    ports: desired.services.keys().cloned().collect(),
                     skipped: skipped.iter().map(describe_skip).collect(),
                     health_check_node_port: hcnp,
-                }
+                    local_ready: local_ready.len(),
+                };
+                (entry, desired.services.into_iter().collect::<Vec<_>>())
             }
         };
-        let old = self.entries.get(key).cloned().unwrap_or_default();
-        if old == new {
-            return false;
-        }
+        let old = self.entries.remove(key).unwrap_or_default();
         if old.skipped != new.skipped {
             for s in new.skipped.iter().filter(|s| !old.skipped.contains(s)) {
                 warn!("{s}");
             }
         }
-        self.dirty
-            .extend(old.ports.iter().map(|(id, _)| id.clone()));
-        self.dirty
-            .extend(new.ports.iter().map(|(id, _)| id.clone()));
-        if new == ServiceEntry::default() {
-            self.entries.remove(key);
-        } else {
+        let queued = !old.ports.is_empty() || !states.is_empty();
+        for id in old.ports {
+            self.pending.insert(id, None);
+        }
+        for (id, state) in states {
+            self.pending.insert(id, Some(state));
+        }
+        if new != ServiceEntry::default() {
             self.entries.insert(key.clone(), new);
         }
-        true
+        queued
     }
 
     /// The healthCheckNodePorts this node serves, by port.
@@ -204,18 +205,12 @@ impl AgentState {
             let Some(port) = entry.health_check_node_port else {
                 continue;
             };
-            let local: BTreeSet<Ipv4Addr> = entry
-                .ports
-                .iter()
-                .flat_map(|(_, st)| st.ring_backends().filter(|b| b.local && b.ready))
-                .map(|b| b.addr)
-                .collect();
             out.insert(
                 port,
                 HealthCheck {
                     namespace: ns.clone(),
                     name: name.clone(),
-                    local_endpoints: local.len(),
+                    local_endpoints: entry.local_ready,
                 },
             );
         }
@@ -392,21 +387,25 @@ mod tests {
             )));
         }
         st.resync(&f.stores);
-        assert_eq!(st.desired(), full(&f.stores));
-        assert_eq!(st.desired().services.len(), 5);
-        assert_eq!(st.service_ports(), 5);
+        // What the runtime holds: the resync's state, then the changes (states equal to
+        // what it has are ignored, as NodeRuntime::update does).
+        let mut runtime = st.take_desired();
+        assert_eq!(runtime, full(&f.stores));
+        assert_eq!((runtime.services.len(), st.service_ports()), (5, 5));
         assert!(st.take_changes().is_empty(), "a resync is applied in full");
-        // What the runtime holds: the resync's state, then only the changes.
-        let mut runtime = st.desired();
         let mut apply = |st: &mut AgentState| {
-            let changes = st.take_changes();
-            for (id, state) in changes.iter().cloned() {
+            let mut changed = 0;
+            for (id, state) in st.take_changes() {
+                if runtime.services.get(&id) == state.as_ref() {
+                    continue;
+                }
+                changed += 1;
                 match state {
                     Some(state) => runtime.services.insert(id, state),
                     None => runtime.services.remove(&id),
                 };
             }
-            (changes.len(), runtime.clone())
+            (changed, runtime.clone())
         };
 
         // A second slice for s1, then a change in one endpoint, then the slice's deletion.
@@ -419,14 +418,12 @@ mod tests {
             vec![key.clone()]
         );
         assert!(st.update_service(&f.stores, &key));
-        assert_eq!(st.desired(), full(&f.stores));
-        let d = st.desired();
-        let s1 = d.services.values().nth(1).unwrap();
-        assert_eq!(s1.backends.len(), 3);
-        assert_eq!(apply(&mut st), (1, full(&f.stores)), "one port changed");
+        let (n, d) = apply(&mut st);
+        assert_eq!((n, &d), (1, &full(&f.stores)), "one port changed");
+        assert_eq!(d.services.values().nth(1).unwrap().backends.len(), 3);
 
-        // Unchanged input: no change reported.
-        assert!(!st.update_service(&f.stores, &key));
+        // Unchanged input: retranslated, nothing changes.
+        st.update_service(&f.stores, &key);
         assert_eq!(apply(&mut st).0, 0);
 
         f.slices.apply_watcher_event(&Event::Delete(extra));
@@ -435,7 +432,6 @@ mod tests {
             vec![key.clone()]
         );
         assert!(st.update_service(&f.stores, &key));
-        assert_eq!(st.desired(), full(&f.stores));
         assert_eq!(apply(&mut st), (1, full(&f.stores)));
 
         // Service deleted: its ports leave the desired state; the others stay.
@@ -443,8 +439,6 @@ mod tests {
         f.services.apply_watcher_event(&Event::Delete(s3));
         let key3 = ("a".to_string(), "s3".to_string());
         assert!(st.update_service(&f.stores, &key3));
-        assert_eq!(st.desired().services.len(), 4);
-        assert_eq!(st.desired(), full(&f.stores));
         let (n, runtime) = apply(&mut st);
         assert_eq!(
             (n, runtime.services.len()),
@@ -452,6 +446,9 @@ mod tests {
             "the deletion is a change"
         );
         assert_eq!(runtime, full(&f.stores));
+        assert_eq!(st.service_ports(), 4);
+        // Gone for good: a second retranslation queues nothing.
+        assert!(!st.update_service(&f.stores, &key3));
     }
 
     #[test]
@@ -463,15 +460,15 @@ mod tests {
         f.services
             .apply_watcher_event(&Event::Apply(svc("a", "kept", 30002, false)));
         st.resync(&f.stores);
-        assert_eq!(st.desired().services.len(), 2);
+        assert_eq!(st.take_desired().services.len(), 2);
         // A relist that no longer has "old" (deleted while the watch was down).
         f.services.apply_watcher_event(&Event::Init);
         f.services
             .apply_watcher_event(&Event::InitApply(svc("a", "kept", 30002, false)));
         f.services.apply_watcher_event(&Event::InitDone);
         st.resync(&f.stores);
-        assert_eq!(st.desired(), full(&f.stores));
-        let d = st.desired();
+        let d = st.take_desired();
+        assert_eq!(d, full(&f.stores));
         let names: Vec<&str> = d.services.keys().map(|k| k.name.as_str()).collect();
         assert_eq!(names, vec!["kept"]);
     }
@@ -499,7 +496,7 @@ mod tests {
         assert_eq!(*port, 32080);
         assert_eq!(check.local_endpoints, 1);
         // Local only: the remote endpoint is not a backend here.
-        let d = st.desired();
+        let d = st.take_desired();
         let state = d.services.values().next().unwrap();
         assert!(state.local_only);
         assert!(state.backends.iter().all(|b| b.local));

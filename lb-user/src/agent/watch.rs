@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt as _;
@@ -142,13 +143,26 @@ fn trim_service(svc: &mut Service) {
     svc.managed_fields_mut().clear();
     svc.annotations_mut()
         .retain(|k, _| k == ACCELERATE_ANNOTATION);
+    trim_meta(&mut svc.metadata);
+}
+
+/// Metadata nothing here reads (the store keys objects by namespace and name; the watcher
+/// took the resourceVersion before this runs).
+fn trim_meta(meta: &mut ObjectMeta) {
+    meta.owner_references = None;
+    meta.uid = None;
+    meta.resource_version = None;
+    meta.creation_timestamp = None;
+    meta.generate_name = None;
+    meta.generation = None;
+    meta.finalizers = None;
 }
 
 fn trim_slice(slice: &mut SlimEndpointSlice) {
     slice.managed_fields_mut().clear();
     slice.annotations_mut().clear();
     slice.labels_mut().retain(|k, _| k == SERVICE_NAME_LABEL);
-    slice.metadata.owner_references = None;
+    trim_meta(&mut slice.metadata);
 }
 
 fn trim_node(node: &mut Node) {
