@@ -6,7 +6,9 @@
 //!   5-tuple hashes and compares in a fraction of the time of a 40-byte IPv6-ready one. IPv6
 //!   gets maps of its own with wider keys (as Cilium's CT4/CT6 split), not wider IPv4 keys.
 //! - Map values hold addresses as `[u32; 4]` (IPv4 in `addr[0]`, the other words zero) so
-//!   IPv6 fits without a redesign. Use [`v4`] / [`v4_octets`] to convert.
+//!   IPv6 fits without a redesign. Use [`v4`] / [`v4_octets`] to convert. The exception is
+//!   [`RevNatEntry`], which every new flow writes into an LRU hash: it is IPv4-only like the
+//!   keys (60 -> 36 bytes measured 7-13% off a new flow) and belongs to the IPv4 maps.
 //! - Ports are stored in network byte order (`u16::from_ne_bytes(wire bytes)`), see [`port_be`].
 //! - No bool/enum/Option in map values: flags are integers, padding is explicit and every
 //!   type has a size assertion, so both sides agree byte for byte.
@@ -224,10 +226,11 @@ const _: () = assert!(core::mem::size_of::<CtEntry>() == 20);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RevNatEntry {
-    /// Becomes the reply's source (the frontend the client talked to).
-    pub frontend_addr: [u32; 4],
-    /// Becomes the reply's destination (only changes for SNATed flows).
-    pub client_addr: [u32; 4],
+    /// Becomes the reply's source (the frontend the client talked to). IPv4, wire order:
+    /// every new flow writes this entry, so it is kept as small as the keys.
+    pub frontend_addr: u32,
+    /// Becomes the reply's destination (only changes for SNATed flows). IPv4, wire order.
+    pub client_addr: u32,
     /// Network byte order.
     pub frontend_port: u16,
     /// Network byte order.
@@ -246,7 +249,7 @@ pub struct RevNatEntry {
     /// `Config::snat_idle_s` may be taken by a new flow).
     pub stamp_s: u32,
 }
-const _: () = assert!(core::mem::size_of::<RevNatEntry>() == 60);
+const _: () = assert!(core::mem::size_of::<RevNatEntry>() == 36);
 
 /// Key of `AFFINITY`: sessionAffinity ClientIP per service.
 #[repr(C)]

@@ -262,8 +262,8 @@ pub fn revnat_lookup(cfg: &Config, p: &Parsed, key: &CtKey) -> Option<*mut RevNa
         revnat_closing(rev, now_s);
         let r = unsafe { &*rev };
         let fkey = CtKey {
-            saddr: r.client_addr[0],
-            daddr: r.frontend_addr[0],
+            saddr: r.client_addr,
+            daddr: r.frontend_addr,
             sport: r.client_port,
             dport: r.frontend_port,
             proto: p.proto,
@@ -369,8 +369,8 @@ pub fn ct_create(
     hash: u32,
 ) -> Result<Flow, Reason> {
     let mut rev = RevNatEntry {
-        frontend_addr: [p.daddr, 0, 0, 0],
-        client_addr: [p.saddr, 0, 0, 0],
+        frontend_addr: p.daddr,
+        client_addr: p.saddr,
         frontend_port: p.dport,
         client_port: p.sport,
         ifindex: ingress_ifindex,

@@ -56,8 +56,8 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         lb::snat_touch(rev);
         let rev = unsafe { *rev };
         let r = Rewrite {
-            saddr: rev.frontend_addr[0],
-            daddr: rev.client_addr[0],
+            saddr: rev.frontend_addr,
+            daddr: rev.client_addr,
             sport: rev.frontend_port,
             dport: rev.client_port,
             dmac: rev.client_mac,
@@ -179,7 +179,7 @@ fn try_lb_reply(ctx: &mut TcContext) -> Result<(i32, Reason), Reason> {
         return Err(Reason::PassTtl);
     }
     let r = Rewrite {
-        saddr: rev.frontend_addr[0],
+        saddr: rev.frontend_addr,
         daddr: p.daddr,
         sport: rev.frontend_port,
         dport: p.dport,

@@ -948,8 +948,8 @@ pub fn explain(
     {
         match view.revnat(&ct_key)? {
             Some(rev) if rev.flags & REV_SNAT != 0 => {
-                let src = sock(rev.frontend_addr, rev.frontend_port);
-                let dst = sock(rev.client_addr, rev.client_port);
+                let src = sock4(rev.frontend_addr, rev.frontend_port);
+                let dst = sock4(rev.client_addr, rev.client_port);
                 t.step(
                     "snat_reply",
                     format!("REVNAT hit: a reply to a SNATed flow; becomes {src} -> {dst}, out ifindex {}", rev.ifindex),
@@ -1658,8 +1658,8 @@ mod tests {
         s.revnat.insert(
             key,
             RevNatEntry {
-                frontend_addr: v4(NODE),
-                client_addr: v4([10, 0, 0, 9]),
+                frontend_addr: ip4(NODE),
+                client_addr: ip4([10, 0, 0, 9]),
                 frontend_port: port_be(30080),
                 client_port: port_be(40000),
                 ifindex: 3,
