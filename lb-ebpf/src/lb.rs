@@ -1,5 +1,6 @@
-//! The load-balancing decisions, in pipeline order: lookup_service, ct_lookup,
-//! select_backend, ct_create (with SNAT port allocation for remote backends).
+//! The load-balancing decisions, in pipeline order: is_service_port, ct_lookup (ct_reuse),
+//! lookup_service (ct_recheck), select_backend, ct_create (with SNAT port allocation for
+//! remote backends).
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -40,8 +41,8 @@ fn is_node_addr(cfg: &Config, addr: u32) -> bool {
 #[inline(always)]
 pub fn ct_key(p: &Parsed) -> CtKey {
     CtKey {
-        saddr: [p.saddr, 0, 0, 0],
-        daddr: [p.daddr, 0, 0, 0],
+        saddr: p.saddr,
+        daddr: p.daddr,
         sport: p.sport,
         dport: p.dport,
         proto: p.proto,
@@ -68,17 +69,27 @@ pub fn snat_reply_lookup(cfg: &Config, p: &Parsed) -> Option<*mut RevNatEntry> {
     Some(rev)
 }
 
+/// Does any frontend use the packet's destination port (protocol and port)? A clear bit
+/// in `SERVICE_PORTS` sends non-service traffic on its way without a hash lookup.
+#[inline(always)]
+pub fn is_service_port(p: &Parsed) -> bool {
+    let port = port_host(p.dport) as u32;
+    let Some(word) = lb_common::service_port_word(p.proto, port as u16) else {
+        return false;
+    };
+    match SERVICE_PORTS.get(word) {
+        Some(bits) => *bits & (1u64 << (port % 64)) != 0,
+        None => false,
+    }
+}
+
 /// Frontend for the destination: node addresses match NodePort wildcard entries first, then
-/// exact entries (LoadBalancer ingress IPs and externalIPs).
+/// exact entries (LoadBalancer ingress IPs and externalIPs). Only for packets that passed
+/// [`is_service_port`].
 #[inline(always)]
 pub fn lookup_service(cfg: &Config, p: &Parsed) -> Option<Frontend> {
-    let port = port_host(p.dport) as u32;
-    let word = lb_common::service_port_word(p.proto, port as u16)?;
-    if *SERVICE_PORTS.get(word)? & (1u64 << (port % 64)) == 0 {
-        return None;
-    }
     let mut key = FrontendKey {
-        addr: [0; 4],
+        addr: 0,
         port: p.dport,
         proto: p.proto,
         _pad: 0,
@@ -88,7 +99,7 @@ pub fn lookup_service(cfg: &Config, p: &Parsed) -> Option<Frontend> {
             return Some(*fe);
         }
     }
-    key.addr[0] = p.daddr;
+    key.addr = p.daddr;
     unsafe { FRONTENDS.get(&key) }.copied()
 }
 
@@ -101,17 +112,71 @@ fn backend(id: u32) -> Option<Backend> {
     Some(*be)
 }
 
+/// The conntrack entry of the packet's 5-tuple, as `ct_lookup` found it.
+pub enum CtLookup {
+    /// No entry: a new flow.
+    Miss,
+    /// Stamped with the current `Config::frontend_epoch`: the packet's frontend still
+    /// belongs to the entry's service, no frontend lookup needed.
+    Current(*mut CtEntry),
+    /// From before the last frontend change: valid only if `lookup_service` still finds a
+    /// frontend of the entry's service (see [`ct_recheck`]).
+    Unchecked(*mut CtEntry),
+}
+
+/// Looks up the flow before the frontend (an established flow is the common case, and one
+/// hash lookup cheaper this way). Sound because of the epoch: what `lookup_service` returns
+/// for a 5-tuple depends only on the FRONTENDS keys, their service slots and the node
+/// addresses, and userspace moves `Config::frontend_epoch` on after every change to any of
+/// them. An entry stamped with the epoch the packet read *before* its frontend lookup (see
+/// `frontend_epoch`) was checked against frontends that have not changed since, so the
+/// old per-packet check "the frontend's service_id equals the entry's" still holds; any
+/// other entry goes through [`ct_recheck`] after `lookup_service`. A deleted service whose
+/// slot was reused, a removed frontend, a new NodePort wildcard shadowing an exact frontend:
+/// each moves the epoch, so none of them can leave a flow forwarded on a stale entry.
+#[inline(always)]
+pub fn ct_lookup(p: &Parsed, epoch: u32) -> CtLookup {
+    match CONNTRACK.get_ptr_mut(&ct_key(p)) {
+        None => CtLookup::Miss,
+        Some(ct) if unsafe { (*ct).frontend_epoch } == epoch => CtLookup::Current(ct),
+        Some(ct) => CtLookup::Unchecked(ct),
+    }
+}
+
+/// `Config::frontend_epoch`, read once per packet and before any frontend lookup: an entry
+/// stamped later with this value was checked against frontends at least this new. (A second
+/// read after the lookup could see a bump that the lookup did not.)
+#[inline(always)]
+pub fn frontend_epoch(cfg: &Config) -> u32 {
+    unsafe { core::ptr::read_volatile(&cfg.frontend_epoch) }
+}
+
+/// An entry from an older epoch, after `lookup_service` found `fe`: the old stale-entry
+/// check (service deleted and its slot reused, frontend moved), then the entry counts as
+/// current again until the next frontend change.
+#[inline(always)]
+pub fn ct_recheck(
+    cfg: &Config,
+    p: &Parsed,
+    ct: *mut CtEntry,
+    fe: &Frontend,
+    epoch: u32,
+) -> Option<Flow> {
+    let entry = unsafe { &mut *ct };
+    if entry.service_id != fe.service_id {
+        return None;
+    }
+    entry.frontend_epoch = epoch;
+    ct_reuse(cfg, p, ct)
+}
+
 /// Established flow: reuse its backend while it exists, so backend-set changes do not break
 /// it. A terminating backend keeps its flows, but a new SYN on the same tuple reselects. A
 /// TCP flow that saw FIN or RST keeps its backend for `close_grace_s`, then (or on a new
 /// SYN) the tuple is a new flow.
 #[inline(always)]
-pub fn ct_lookup(cfg: &Config, p: &Parsed, fe: &Frontend) -> Option<Flow> {
-    let ct = CONNTRACK.get_ptr_mut(&ct_key(p))?;
+pub fn ct_reuse(cfg: &Config, p: &Parsed, ct: *mut CtEntry) -> Option<Flow> {
     let ct = unsafe { &mut *ct };
-    if ct.service_id != fe.service_id {
-        return None;
-    }
     if ct.flags & CT_CLOSING != 0 && (p.is_syn() || closed_for(ct.closing_s) > cfg.close_grace_s) {
         return None;
     }
@@ -124,9 +189,9 @@ pub fn ct_lookup(cfg: &Config, p: &Parsed, fe: &Frontend) -> Option<Flow> {
         ct.flags |= CT_CLOSING;
         ct.closing_s = now_s;
         let rkey = if ct.flags & CT_SNAT != 0 {
-            reply_key(&be, [cfg.snat_addr, 0, 0, 0], ct.snat_port, p.proto)
+            reply_key(&be, cfg.snat_addr, ct.snat_port, p.proto)
         } else {
-            reply_key(&be, [p.saddr, 0, 0, 0], p.sport, p.proto)
+            reply_key(&be, p.saddr, p.sport, p.proto)
         };
         if let Some(rev) = REVNAT.get_ptr_mut(&rkey) {
             revnat_closing(rev, now_s);
@@ -151,9 +216,9 @@ fn closed_for(since_s: u32) -> u32 {
 
 /// The 5-tuple a backend's reply to `dst:dport` arrives with.
 #[inline(always)]
-fn reply_key(be: &Backend, dst: [u32; 4], dport: u16, proto: u8) -> CtKey {
+fn reply_key(be: &Backend, dst: u32, dport: u16, proto: u8) -> CtKey {
     CtKey {
-        saddr: be.addr,
+        saddr: be.addr[0],
         daddr: dst,
         sport: be.port,
         dport,
@@ -217,20 +282,40 @@ pub fn revnat_lookup(cfg: &Config, p: &Parsed, key: &CtKey) -> Option<*mut RevNa
     Some(rev)
 }
 
-/// New flow: sessionAffinity first (if on and fresh), else the service's Maglev ring.
-/// Returns the backend id and the backend.
+/// The packet's flow hash: its Maglev slot and its first SNAT port probe. Computed once per
+/// new flow and passed to both.
 #[inline(always)]
-pub fn select_backend(cfg: &Config, p: &Parsed, fe: &Frontend) -> Result<(u32, Backend), Reason> {
+pub fn packet_hash(p: &Parsed) -> u32 {
+    flow_hash(
+        &[p.saddr, 0, 0, 0],
+        &[p.daddr, 0, 0, 0],
+        p.sport,
+        p.dport,
+        p.proto,
+    )
+}
+
+/// New flow: sessionAffinity first (if on and fresh), else the service's Maglev ring at
+/// `hash` ([`packet_hash`]; affinity uses the client's hash instead). Returns the backend id
+/// and the backend.
+#[inline(always)]
+pub fn select_backend(
+    cfg: &Config,
+    p: &Parsed,
+    fe: &Frontend,
+    hash: u32,
+) -> Result<(u32, Backend), Reason> {
     if fe.backend_count == 0 {
         return Err(Reason::PassNoBackend);
     }
     let affinity = fe.flags & FE_AFFINITY != 0;
     let saddr = [p.saddr, 0, 0, 0];
     let akey = AffinityKey {
-        client: saddr,
+        client: p.saddr,
         service_id: fe.service_id,
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Reading the clock is a helper call: only affinity needs it.
+    let now = if affinity { unsafe { bpf_ktime_get_ns() } } else { 0 };
     if affinity {
         if let Some(a) = AFFINITY.get_ptr_mut(&akey) {
             let a = unsafe { &mut *a };
@@ -250,11 +335,7 @@ pub fn select_backend(cfg: &Config, p: &Parsed, fe: &Frontend) -> Result<(u32, B
     if m == 0 {
         return Err(Reason::PassInternal);
     }
-    let hash = if affinity {
-        client_hash(&saddr)
-    } else {
-        flow_hash(&saddr, &[p.daddr, 0, 0, 0], p.sport, p.dport, p.proto)
-    };
+    let hash = if affinity { client_hash(&saddr) } else { hash };
     let slot = fe.service_id.wrapping_mul(m).wrapping_add(hash % m);
     let pair = MAGLEV.get(slot / 2).ok_or(Reason::PassBackendMissing)?;
     let id = if slot & 1 == 0 { pair[0] } else { pair[1] };
@@ -284,10 +365,12 @@ pub fn ct_create(
     client_mac: [u8; 6],
     node_mac: [u8; 6],
     ingress_ifindex: u32,
+    epoch: u32,
+    hash: u32,
 ) -> Result<Flow, Reason> {
     let mut rev = RevNatEntry {
-        frontend_addr: [p.daddr, 0, 0, 0],
-        client_addr: [p.saddr, 0, 0, 0],
+        frontend_addr: p.daddr,
+        client_addr: p.saddr,
         frontend_port: p.dport,
         client_port: p.sport,
         ifindex: ingress_ifindex,
@@ -305,13 +388,14 @@ pub fn ct_create(
         flags: 0,
         _pad: 0,
         closing_s: 0,
+        frontend_epoch: epoch,
     };
 
     if be.flags & BE_LOCAL != 0 {
-        let rkey = reply_key(&be, [p.saddr, 0, 0, 0], p.sport, p.proto);
+        let rkey = reply_key(&be, p.saddr, p.sport, p.proto);
         REVNAT.insert(&rkey, &rev, 0).map_err(|_| Reason::PassCtFull)?;
     } else {
-        ct.snat_port = snat_alloc(cfg, p, &be, &mut rev)?;
+        ct.snat_port = snat_alloc(cfg, p, &be, &mut rev, hash)?;
         ct.flags = CT_SNAT;
     }
     CONNTRACK
@@ -323,10 +407,16 @@ pub fn ct_create(
     })
 }
 
-/// Picks a free SNAT port for (snat_addr -> backend): a hash-chosen start, a few probes, and a
+/// Picks a free SNAT port for (snat_addr -> backend): the flow hash as start, a few probes, and a
 /// port idle (no reply) for longer than `snat_idle_s` counts as free.
 #[inline(always)]
-fn snat_alloc(cfg: &Config, p: &Parsed, be: &Backend, rev: &mut RevNatEntry) -> Result<u16, Reason> {
+fn snat_alloc(
+    cfg: &Config,
+    p: &Parsed,
+    be: &Backend,
+    rev: &mut RevNatEntry,
+    start: u32,
+) -> Result<u16, Reason> {
     if cfg.snat_addr == 0 || cfg.snat_port_max < cfg.snat_port_min {
         return Err(Reason::PassSnatExhausted);
     }
@@ -334,7 +424,6 @@ fn snat_alloc(cfg: &Config, p: &Parsed, be: &Backend, rev: &mut RevNatEntry) -> 
     let now_s = now_s();
     rev.flags = REV_SNAT;
     rev.stamp_s = now_s;
-    let start = flow_hash(&[p.saddr, 0, 0, 0], &[p.daddr, 0, 0, 0], p.sport, p.dport, p.proto);
     let mut i = 0;
     while i < SNAT_PROBES {
         // The first probe is the tuple's hash (predictable); the others are random: a client
@@ -342,7 +431,7 @@ fn snat_alloc(cfg: &Config, p: &Parsed, be: &Backend, rev: &mut RevNatEntry) -> 
         // otherwise walk the same fixed sequence every time and run out after 8 reuses.
         let off = if i == 0 { 0 } else { unsafe { bpf_get_prandom_u32() } };
         let port = cfg.snat_port_min + (start.wrapping_add(off) % range) as u16;
-        let rkey = reply_key(be, [cfg.snat_addr, 0, 0, 0], port_be(port), p.proto);
+        let rkey = reply_key(be, cfg.snat_addr, port_be(port), p.proto);
         if REVNAT.insert(&rkey, &*rev, BPF_NOEXIST as u64).is_ok() {
             return Ok(port_be(port));
         }

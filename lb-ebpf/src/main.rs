@@ -3,8 +3,11 @@
 //!   SNATed flows;
 //! - `lb_reply` (TC ingress, on local pods' host-side veths): reverse-NAT of pod replies.
 //!
-//! The request path reads top to bottom: parse, lookup_service, ct_lookup, select_backend,
-//! ct_create, dnat (rewrite), redirect. Every packet ends in exactly one counted `Reason`.
+//! The request path reads top to bottom: parse, the service-port bitmap, ct_lookup (an
+//! established flow whose entry is current goes straight to dnat: one hash lookup),
+//! lookup_service, select_backend, ct_create, dnat (rewrite), redirect. Why skipping the
+//! frontend lookup for established flows is sound: `lb::ct_lookup`. Every packet ends in
+//! exactly one counted `Reason`.
 #![no_std]
 #![no_main]
 
@@ -23,7 +26,7 @@ use aya_ebpf::{
 use lb_common::{Reason, BE_LOCAL, REV_SNAT};
 
 use crate::{
-    lb::Flow,
+    lb::{CtLookup, Flow},
     maps::CONFIG,
     nat::Rewrite,
     parse::{parse, ptr_at, EthHdr},
@@ -53,8 +56,8 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         lb::snat_touch(rev);
         let rev = unsafe { *rev };
         let r = Rewrite {
-            saddr: rev.frontend_addr[0],
-            daddr: rev.client_addr[0],
+            saddr: rev.frontend_addr,
+            daddr: rev.client_addr,
             sport: rev.frontend_port,
             dport: rev.client_port,
             dmac: rev.client_mac,
@@ -64,24 +67,42 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         return Ok((xmit(rev.ifindex), Reason::RevNatRemote));
     }
 
+    if !lb::is_service_port(&p) {
+        return Err(Reason::PassNonService);
+    }
+    // Established flow first: an entry checked against the current frontends is enough.
+    let epoch = lb::frontend_epoch(cfg);
+    let ct = lb::ct_lookup(&p, epoch);
+    if let CtLookup::Current(entry) = ct {
+        if p.ttl <= 1 {
+            return Err(Reason::PassTtl);
+        }
+        if let Some(flow) = lb::ct_reuse(cfg, &p, entry) {
+            return dnat_and_deliver(ctx, cfg, &p, &flow);
+        }
+    }
+
     let fe = lb::lookup_service(cfg, &p).ok_or(Reason::PassNonService)?;
     if p.ttl <= 1 {
         return Err(Reason::PassTtl);
     }
-    let flow = match lb::ct_lookup(cfg, &p, &fe) {
-        Some(flow) => flow,
-        None => {
-            let (id, be) = lb::select_backend(cfg, &p, &fe)?;
-            let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassInternal)?;
-            let (client_mac, node_mac) = unsafe {
-                (
-                    parse::read_mac(core::ptr::addr_of!((*eth).src)),
-                    parse::read_mac(core::ptr::addr_of!((*eth).dst)),
-                )
-            };
-            lb::ct_create(cfg, &p, &fe, id, be, client_mac, node_mac, ingress)?
+    if let CtLookup::Unchecked(entry) = ct {
+        if let Some(flow) = lb::ct_recheck(cfg, &p, entry, &fe, epoch) {
+            return dnat_and_deliver(ctx, cfg, &p, &flow);
         }
+    }
+
+    // New flow (or one whose entry no longer holds): choose a backend and remember it.
+    let hash = lb::packet_hash(&p);
+    let (id, be) = lb::select_backend(cfg, &p, &fe, hash)?;
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassInternal)?;
+    let (client_mac, node_mac) = unsafe {
+        (
+            parse::read_mac(core::ptr::addr_of!((*eth).src)),
+            parse::read_mac(core::ptr::addr_of!((*eth).dst)),
+        )
     };
+    let flow = lb::ct_create(cfg, &p, &fe, id, be, client_mac, node_mac, ingress, epoch, hash)?;
     dnat_and_deliver(ctx, cfg, &p, &flow)
 }
 
@@ -158,7 +179,7 @@ fn try_lb_reply(ctx: &mut TcContext) -> Result<(i32, Reason), Reason> {
         return Err(Reason::PassTtl);
     }
     let r = Rewrite {
-        saddr: rev.frontend_addr[0],
+        saddr: rev.frontend_addr,
         daddr: p.daddr,
         sport: rev.frontend_port,
         dport: p.dport,

@@ -212,7 +212,10 @@ pub struct Dataplane {
     pub generic_fallbacks: u64,
     /// Frontends in FRONTENDS, per (protocol, port): drives the SERVICE_PORTS bitmap.
     port_refs: std::collections::HashMap<(u8, u16), u32>,
-    frontend_keys: std::collections::HashSet<FrontendKey>,
+    /// Frontends in FRONTENDS and their service slots.
+    frontend_keys: std::collections::HashMap<FrontendKey, u32>,
+    /// `Config::frontend_epoch` as last written (see [`Dataplane::bump_frontend_epoch`]).
+    frontend_epoch: u32,
 }
 
 const PROG_XDP: &str = "lb_ingress";
@@ -307,10 +310,11 @@ impl Dataplane {
             generic_fallbacks: 0,
             port_refs: Default::default(),
             frontend_keys: Default::default(),
+            frontend_epoch: 0,
         };
         // Pinned maps may already hold frontends (agent restart): rebuild the port bitmap.
-        for (key, _) in dp.frontends()? {
-            dp.frontend_keys.insert(key);
+        for (key, fe) in dp.frontends()? {
+            dp.frontend_keys.insert(key, fe.service_id);
             *dp.port_refs
                 .entry((key.proto, port_host(key.port)))
                 .or_default() += 1;
@@ -319,6 +323,9 @@ impl Dataplane {
         for (proto, port) in ports {
             dp.set_port_bit(proto, port, true)?;
         }
+        // Continue a pinned config's epoch: going back to an older value could make entries
+        // checked before a frontend change look current again.
+        dp.frontend_epoch = dp.config()?.frontend_epoch;
         dp.set_config(&Config {
             maglev_size: dp.opts.maglev_size,
             ..Default::default()
@@ -330,12 +337,26 @@ impl Dataplane {
         &self.opts
     }
 
+    /// Writes the node config. Its `frontend_epoch` is ignored: the data plane's own moves on
+    /// (node addresses decide which frontend a packet matches).
     pub fn set_config(&mut self, cfg: &Config) -> Result<(), DataplaneError> {
         let mut cfg = *cfg;
         // The ring layout is fixed at load time; the program must agree with it.
         cfg.maglev_size = self.opts.maglev_size;
+        self.frontend_epoch = self.frontend_epoch.wrapping_add(1);
+        cfg.frontend_epoch = self.frontend_epoch;
         let mut map: Array<_, Config> = self.typed("CONFIG")?;
         map.set(0, cfg, 0).map_err(map_err("CONFIG", "set"))
+    }
+
+    /// Moves `Config::frontend_epoch` on after a change that may alter which frontend (and
+    /// service slot) some 5-tuple resolves to: the program then checks each established
+    /// flow's frontend once more before trusting its ct entry alone (lb-ebpf `ct_lookup`).
+    /// Called after the FRONTENDS write, so a packet that sees the new epoch sees the new
+    /// frontends.
+    fn bump_frontend_epoch(&mut self) -> Result<(), DataplaneError> {
+        let cfg = self.config()?;
+        self.set_config(&cfg)
     }
 
     pub fn config(&self) -> Result<Config, DataplaneError> {
@@ -346,7 +367,8 @@ impl Dataplane {
     /// Adds or updates a frontend. The port's SERVICE_PORTS bit is set first, so the
     /// program never skips a frontend that exists.
     pub fn set_frontend(&mut self, key: &FrontendKey, fe: &Frontend) -> Result<(), DataplaneError> {
-        let new = !self.frontend_keys.contains(key);
+        let old_slot = self.frontend_keys.get(key).copied();
+        let new = old_slot.is_none();
         let port = (key.proto, port_host(key.port));
         if new && self.port_refs.get(&port).copied().unwrap_or(0) == 0 {
             self.set_port_bit(port.0, port.1, true)?;
@@ -354,9 +376,15 @@ impl Dataplane {
         let mut map: HashMap<_, FrontendKey, Frontend> = self.typed("FRONTENDS")?;
         map.insert(key, fe, 0)
             .map_err(map_err("FRONTENDS", "insert"))?;
+        self.frontend_keys.insert(*key, fe.service_id);
         if new {
-            self.frontend_keys.insert(*key);
             *self.port_refs.entry(port).or_default() += 1;
+        }
+        // A new key can shadow another for some tuples (a NodePort wildcard goes before an
+        // exact frontend on a node address); a new slot is another service. Only a change of
+        // backend count, flags or affinity timeout leaves established flows as they are.
+        if old_slot != Some(fe.service_id) {
+            self.bump_frontend_epoch()?;
         }
         Ok(())
     }
@@ -369,7 +397,8 @@ impl Dataplane {
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(map_err("FRONTENDS", "remove")(e)),
         }
-        if self.frontend_keys.remove(key) {
+        self.bump_frontend_epoch()?;
+        if self.frontend_keys.remove(key).is_some() {
             let port = (key.proto, port_host(key.port));
             let refs = self.port_refs.entry(port).or_default();
             *refs = refs.saturating_sub(1);

@@ -538,6 +538,15 @@ fn sock(addr: [u32; 4], port_net: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip(addr), port_host(port_net))
 }
 
+/// An address as map keys hold it (one IPv4 `u32`, wire order).
+fn ip_of(addr: u32) -> Ipv4Addr {
+    Ipv4Addr::from(addr.to_ne_bytes())
+}
+
+fn sock4(addr: u32, port_net: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip_of(addr), port_host(port_net))
+}
+
 fn serialize_reason<S: serde::Serializer>(r: &Reason, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(r.name())
 }
@@ -608,8 +617,8 @@ pub fn flows(view: &dyn MapsView) -> Result<Vec<FlowRow>, InspectError> {
             }
         };
         rows.push(FlowRow {
-            client: sock(key.saddr, key.sport),
-            frontend: sock(key.daddr, key.dport),
+            client: sock4(key.saddr, key.sport),
+            frontend: sock4(key.daddr, key.dport),
             proto: proto_name(key.proto),
             service_id: ct.service_id,
             backend_id: ct.backend_id,
@@ -707,7 +716,7 @@ pub fn targets(view: &dyn MapsView) -> Result<Vec<FrontendTargets>, InspectError
     let cfg = view.config()?;
     let m = cfg.maglev_size;
     let mut frontends = view.frontends()?;
-    frontends.sort_by_key(|(k, _)| (k.proto, port_host(k.port), ip(k.addr)));
+    frontends.sort_by_key(|(k, _)| (k.proto, port_host(k.port), ip_of(k.addr)));
 
     // Flows per (service slot, backend id).
     let mut flow_counts: BTreeMap<(u32, u32), u64> = BTreeMap::new();
@@ -784,10 +793,10 @@ pub fn targets(view: &dyn MapsView) -> Result<Vec<FrontendTargets>, InspectError
                 .then_with(|| a.id.cmp(&b.id))
         });
         out.push(FrontendTargets {
-            address: if key.addr == [0; 4] {
+            address: if key.addr == 0 {
                 "*".to_string()
             } else {
-                ip(key.addr).to_string()
+                ip_of(key.addr).to_string()
             },
             port: port_host(key.port),
             proto: proto_name(key.proto),
@@ -897,7 +906,10 @@ fn is_node_addr(cfg: &Config, addr: u32) -> bool {
 /// Predicts what `lb_ingress` does with `probe`, step by step, reading `view` exactly where
 /// the program reads its maps. `now_ns` is CLOCK_MONOTONIC (see [`monotonic_ns`]); it decides
 /// whether affinity entries are fresh and SNAT ports idle. The packet is assumed well formed
-/// with TTL > 1; the prediction cannot see map writes racing with it.
+/// with TTL > 1; the prediction cannot see map writes racing with it. The steps keep the
+/// logical order (frontend, then flow): the program looks the flow up first and skips the
+/// frontend while the flow's entry carries the current `frontend_epoch`, which gives the
+/// same answer as checking the entry's service slot against the frontend, as done here.
 pub fn explain(
     view: &dyn MapsView,
     probe: &Probe,
@@ -910,8 +922,8 @@ pub fn explain(
     let sport = port_be(probe.from.port());
     let dport = port_be(probe.to.port());
     let ct_key = CtKey {
-        saddr,
-        daddr,
+        saddr: saddr[0],
+        daddr: daddr[0],
         sport,
         dport,
         proto: probe.proto,
@@ -936,8 +948,8 @@ pub fn explain(
     {
         match view.revnat(&ct_key)? {
             Some(rev) if rev.flags & REV_SNAT != 0 => {
-                let src = sock(rev.frontend_addr, rev.frontend_port);
-                let dst = sock(rev.client_addr, rev.client_port);
+                let src = sock4(rev.frontend_addr, rev.frontend_port);
+                let dst = sock4(rev.client_addr, rev.client_port);
                 t.step(
                     "snat_reply",
                     format!("REVNAT hit: a reply to a SNATed flow; becomes {src} -> {dst}, out ifindex {}", rev.ifindex),
@@ -993,7 +1005,7 @@ pub fn explain(
     );
 
     let mut key = FrontendKey {
-        addr: [0; 4],
+        addr: 0,
         port: dport,
         proto: probe.proto,
         ..Default::default()
@@ -1029,7 +1041,7 @@ pub fn explain(
         );
     }
     if found.is_none() {
-        key.addr = daddr;
+        key.addr = daddr[0];
         match view.frontend(&key)? {
             Some(fe) => {
                 t.step(
@@ -1128,7 +1140,7 @@ pub fn explain(
         let affinity = fe.flags & FE_AFFINITY != 0;
         if affinity {
             let akey = AffinityKey {
-                client: saddr,
+                client: saddr[0],
                 service_id: fe.service_id,
             };
             match view.affinity(&akey)? {
@@ -1320,8 +1332,8 @@ fn snat_port(
             .snat_port_min
             .wrapping_add((start.wrapping_add(i.wrapping_mul(SNAT_PROBE_STRIDE)) % range) as u16);
         let rkey = CtKey {
-            saddr: be.addr,
-            daddr: [cfg.snat_addr, 0, 0, 0],
+            saddr: be.addr[0],
+            daddr: cfg.snat_addr,
             sport: be.port,
             dport: port_be(port),
             proto: probe.proto,
@@ -1342,7 +1354,7 @@ fn snat_port(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_common::PROTO_UDP;
+    use lb_common::{ip4, PROTO_UDP};
 
     const NODE: [u8; 4] = [192, 168, 1, 10];
     const LB_IP: [u8; 4] = [203, 0, 113, 7];
@@ -1396,7 +1408,7 @@ mod tests {
         };
         s.add_frontend(
             FrontendKey {
-                addr: [0; 4],
+                addr: 0,
                 port: port_be(30080),
                 proto: PROTO_TCP,
                 ..Default::default()
@@ -1405,7 +1417,7 @@ mod tests {
         );
         s.add_frontend(
             FrontendKey {
-                addr: v4(LB_IP),
+                addr: ip4(LB_IP),
                 port: port_be(80),
                 proto: PROTO_TCP,
                 ..Default::default()
@@ -1414,7 +1426,7 @@ mod tests {
         );
         s.add_frontend(
             FrontendKey {
-                addr: [0; 4],
+                addr: 0,
                 port: port_be(30053),
                 proto: PROTO_UDP,
                 ..Default::default()
@@ -1527,8 +1539,8 @@ mod tests {
         // Pin the flow to whichever backend the ring does NOT pick, so the ct path is visible.
         let other = 3 - ring_pick(&s, &p, 1);
         let key = CtKey {
-            saddr: v4(p.from.ip().octets()),
-            daddr: v4(p.to.ip().octets()),
+            saddr: ip4(p.from.ip().octets()),
+            daddr: ip4(p.to.ip().octets()),
             sport: port_be(p.from.port()),
             dport: port_be(p.to.port()),
             proto: PROTO_TCP,
@@ -1615,7 +1627,7 @@ mod tests {
         let sticky = 3 - by_hash;
         s.affinity.insert(
             AffinityKey {
-                client: v4(p.from.ip().octets()),
+                client: ip4(p.from.ip().octets()),
                 service_id: 1,
             },
             AffinityEntry {
@@ -1636,8 +1648,8 @@ mod tests {
         let mut s = snapshot();
         let reply = probe("10.244.2.9:8080", "192.168.1.10:61001");
         let key = CtKey {
-            saddr: v4([10, 244, 2, 9]),
-            daddr: v4(NODE),
+            saddr: ip4([10, 244, 2, 9]),
+            daddr: ip4(NODE),
             sport: port_be(8080),
             dport: port_be(61001),
             proto: PROTO_TCP,
@@ -1646,8 +1658,8 @@ mod tests {
         s.revnat.insert(
             key,
             RevNatEntry {
-                frontend_addr: v4(NODE),
-                client_addr: v4([10, 0, 0, 9]),
+                frontend_addr: ip4(NODE),
+                client_addr: ip4([10, 0, 0, 9]),
                 frontend_port: port_be(30080),
                 client_port: port_be(40000),
                 ifindex: 3,
@@ -1680,8 +1692,8 @@ mod tests {
             .unwrap();
         let first = explain(&s0, &p, 0).unwrap().rewritten.unwrap().0.port();
         let rkey = |port: u16| CtKey {
-            saddr: v4([10, 244, 2, 9]),
-            daddr: v4(NODE),
+            saddr: ip4([10, 244, 2, 9]),
+            daddr: ip4(NODE),
             sport: port_be(8080),
             dport: port_be(port),
             proto: PROTO_TCP,
@@ -1784,8 +1796,8 @@ mod tests {
     fn flows_resolve_backends_and_snat_ports() {
         let mut s = snapshot();
         let key = CtKey {
-            saddr: v4([10, 0, 0, 9]),
-            daddr: v4(NODE),
+            saddr: ip4([10, 0, 0, 9]),
+            daddr: ip4(NODE),
             sport: port_be(40000),
             dport: port_be(30080),
             proto: PROTO_TCP,

@@ -33,8 +33,8 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 use lb_common::{
-    port_be, v4, Backend, Frontend, FrontendKey, BE_ACTIVE, BE_LOCAL, BE_TERMINATING, FE_AFFINITY,
-    FE_LOCAL_ONLY,
+    ip4, port_be, v4, Backend, Frontend, FrontendKey, BE_ACTIVE, BE_LOCAL, BE_TERMINATING,
+    FE_AFFINITY, FE_LOCAL_ONLY,
 };
 
 use crate::maglev::{self, MaglevBackend, MaglevError};
@@ -262,8 +262,8 @@ type BackendAddr = (Ipv4Addr, u16);
 fn frontend_key(f: &FrontendTuple) -> FrontendKey {
     FrontendKey {
         addr: match f.0 {
-            FrontendAddr::Wildcard => [0; 4],
-            FrontendAddr::Ip(ip) => v4(ip.octets()),
+            FrontendAddr::Wildcard => 0,
+            FrontendAddr::Ip(ip) => ip4(ip.octets()),
         },
         port: port_be(f.1),
         proto: f.2,

@@ -331,6 +331,8 @@ fn node_config(node_addrs: &[Ipv4Addr], snat_addr: Ipv4Addr, snat_ports: PortRan
         flags: CFG_DEC_TTL,
         snat_idle_s: SNAT_IDLE_S,
         close_grace_s: CLOSE_GRACE_S,
+        // Dataplane::set_config moves its own epoch on.
+        frontend_epoch: 0,
     }
 }
 

@@ -8,7 +8,7 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{
-    port_be, v4, Backend, Config, Frontend, FrontendKey, BE_ACTIVE, BE_LOCAL, BE_TERMINATING,
+    ip4, port_be, v4, Backend, Config, Frontend, FrontendKey, BE_ACTIVE, BE_LOCAL, BE_TERMINATING,
     CFG_DEC_TTL, PROTO_TCP, PROTO_UDP,
 };
 use lb_user::{
@@ -109,7 +109,7 @@ pub fn remote_backend(ip: Ipv4Addr, port: u16) -> Backend {
 
 pub fn frontend_key(ip: Option<Ipv4Addr>, port: u16, proto: u8) -> FrontendKey {
     FrontendKey {
-        addr: ip.map(addr).unwrap_or([0; 4]),
+        addr: ip.map(|ip| ip4(ip.octets())).unwrap_or(0),
         port: port_be(port),
         proto,
         _pad: 0,
@@ -169,6 +169,7 @@ pub fn node_config() -> Config {
         flags: CFG_DEC_TTL,
         snat_idle_s: 300,
         close_grace_s: 10,
+        frontend_epoch: 0,
     }
 }
 

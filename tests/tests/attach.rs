@@ -80,7 +80,7 @@ fn pinned_maps_survive_a_restart() {
         ..small()
     };
     let key = FrontendKey {
-        addr: [0; 4],
+        addr: 0,
         port: port_be(30080),
         proto: PROTO_TCP,
         _pad: 0,

@@ -603,7 +603,7 @@ fn session_affinity_with_timeout() {
         );
     }
     let key = AffinityKey {
-        client: addr(CLIENT),
+        client: addr(CLIENT)[0],
         service_id: SVC_AFFINITY,
     };
     let entry = dp.affinity(&key).unwrap().expect("affinity entry written");
@@ -726,6 +726,98 @@ fn service_port_bitmap_follows_frontends() {
     assert_eq!(dp.test_run_xdp(&syn(LB_IP, 80)).unwrap().0, XDP_REDIRECT);
 }
 
+/// Established flows skip the frontend lookup while their ct entry is current (lb-ebpf
+/// `ct_lookup`). Every frontend change that could make the old per-packet check (the
+/// packet's frontend belongs to the entry's service) fail must make the program check
+/// again: a removed frontend, a key moved to another service slot, a NodePort wildcard
+/// that now shadows an exact frontend. A change of backend count alone must not.
+#[test]
+fn established_flows_follow_frontend_changes() {
+    require_root();
+    let mut dp = world();
+    let to = |dst: Ipv4Addr, sport: u16, dport: u16| client().ipv4(CLIENT, dst).tcp(sport, dport);
+    let dst_of = |out: &[u8]| {
+        let p = lb_tests::packet::parse(out).unwrap();
+        let dport = match p.l4 {
+            Some(lb_tests::packet::L4Info::Tcp(t)) => t.dport,
+            other => panic!("not TCP: {other:?}"),
+        };
+        (p.ip.unwrap().dst, dport)
+    };
+    // A second frontend on port 80 keeps the port's SERVICE_PORTS bit set throughout, so
+    // what is tested is the ct entry, not the bitmap.
+    let ext_80 = frontend_key(Some(EXT_IP), 80, PROTO_TCP);
+    let ext_fe = lb_user_frontend(&dp, frontend_key(Some(EXT_IP), 443, PROTO_TCP));
+    dp.set_frontend(&ext_80, &ext_fe).unwrap();
+
+    // 1. Frontend removed: the established flow is no longer ours.
+    let lb_80 = frontend_key(Some(LB_IP), 80, PROTO_TCP);
+    let lb_fe = lb_user_frontend(&dp, lb_80);
+    let (v, out) = dp
+        .test_run_xdp(&to(LB_IP, 46000, 80).syn().build())
+        .unwrap();
+    assert_eq!((v, dst_of(&out)), (XDP_REDIRECT, (POD_A, 8080)));
+    let before = stat(&dp, Reason::FwdLocal);
+    let (v, out) = dp
+        .test_run_xdp(&to(LB_IP, 46000, 80).ack().build())
+        .unwrap();
+    assert_eq!((v, dst_of(&out)), (XDP_REDIRECT, (POD_A, 8080)));
+    assert_eq!(stat(&dp, Reason::FwdLocal), before + 1);
+    // TTL 1 on an established flow is the kernel's, as for a new one.
+    let before = stat(&dp, Reason::PassTtl);
+    let (v, _) = dp
+        .test_run_xdp(&to(LB_IP, 46000, 80).ttl(1).ack().build())
+        .unwrap();
+    assert_eq!((v, stat(&dp, Reason::PassTtl)), (XDP_PASS, before + 1));
+    dp.remove_frontend(&lb_80).unwrap();
+    let before = stat(&dp, Reason::PassNonService);
+    let ack = to(LB_IP, 46000, 80).ack().build();
+    let (v, out) = dp.test_run_xdp(&ack).unwrap();
+    assert_eq!(
+        v, XDP_PASS,
+        "a flow of a removed frontend was still forwarded"
+    );
+    assert_eq!(out, ack);
+    assert_eq!(stat(&dp, Reason::PassNonService), before + 1);
+
+    // 2. The same key back, but for another service slot (a deleted service's frontend
+    // reused): the old flow's entry is stale and the packet is a new flow of the new service.
+    dp.set_frontend(&lb_80, &ext_fe).unwrap();
+    let (v, out) = dp.test_run_xdp(&ack).unwrap();
+    assert_eq!((v, dst_of(&out)), (XDP_REDIRECT, (POD_B, 8443)));
+    let (_, entry) = ct_entry(&dp, 46000, LB_IP, 80);
+    assert_eq!(entry.service_id, SVC_EXTERNAL_IP);
+
+    // 3. A NodePort wildcard added on a port that an exact frontend on a node address
+    // uses: packets to the node address now belong to the NodePort service.
+    let node_exact = frontend_key(Some(NODE), 30100, PROTO_TCP);
+    dp.set_frontend(&node_exact, &lb_fe).unwrap();
+    let (v, out) = dp
+        .test_run_xdp(&to(NODE, 46001, 30100).syn().build())
+        .unwrap();
+    assert_eq!((v, dst_of(&out)), (XDP_REDIRECT, (POD_A, 8080)));
+    dp.set_frontend(&frontend_key(None, 30100, PROTO_TCP), &ext_fe)
+        .unwrap();
+    let (v, out) = dp
+        .test_run_xdp(&to(NODE, 46001, 30100).ack().build())
+        .unwrap();
+    assert_eq!((v, dst_of(&out)), (XDP_REDIRECT, (POD_B, 8443)));
+
+    // 4. Only the backend count changes: established flows are not checked again.
+    let epoch = dp.config().unwrap().frontend_epoch;
+    dp.set_frontend(
+        &ext_80,
+        &lb_common::Frontend {
+            backend_count: 0,
+            ..ext_fe
+        },
+    )
+    .unwrap();
+    assert_eq!(dp.config().unwrap().frontend_epoch, epoch);
+    dp.remove_frontend(&ext_80).unwrap();
+    assert_ne!(dp.config().unwrap().frontend_epoch, epoch);
+}
+
 fn lb_user_frontend(dp: &Dataplane, key: lb_common::FrontendKey) -> lb_common::Frontend {
     dp.frontends()
         .unwrap()
@@ -754,7 +846,7 @@ fn ct_entry(
         .unwrap()
         .into_iter()
         .find(|(k, _)| {
-            k.sport == port_be(client_port) && k.daddr == addr(dst) && k.dport == port_be(dport)
+            k.sport == port_be(client_port) && k.daddr == addr(dst)[0] && k.dport == port_be(dport)
         })
         .expect("ct entry")
 }
