@@ -10,6 +10,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{Metadata, NamespaceResourceScope, Resource};
 use serde::{Deserialize, Serialize};
 
+use crate::translate::SERVICE_NAME_LABEL;
+
 /// `discovery.k8s.io/v1` EndpointSlice, decoded with only what the agent reads.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -23,6 +25,10 @@ pub struct SlimEndpointSlice {
     pub endpoints: Vec<SlimEndpoint>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<EndpointPort>>,
+    /// The `kubernetes.io/service-name` label, moved out of the labels by the agent's trim (a
+    /// one-entry label map costs a B-tree node, half a KiB).
+    #[serde(skip)]
+    pub service_name: Option<String>,
 }
 
 /// One endpoint: its first address (the API says all of them are fungible and consumers
@@ -86,6 +92,17 @@ impl Metadata for SlimEndpointSlice {
 }
 
 impl SlimEndpointSlice {
+    /// The Service this slice belongs to: its label, or where the trim moved it.
+    pub fn service_name(&self) -> Option<&str> {
+        self.service_name.as_deref().or_else(|| {
+            self.metadata
+                .labels
+                .as_ref()?
+                .get(SERVICE_NAME_LABEL)
+                .map(String::as_str)
+        })
+    }
+
     /// Keeps what a full slice has that the agent reads.
     pub fn from_full(slice: &EndpointSlice) -> Self {
         SlimEndpointSlice {
@@ -101,13 +118,21 @@ impl SlimEndpointSlice {
                 })
                 .collect(),
             ports: slice.ports.clone(),
+            service_name: None,
         }
     }
 
     /// The full slice [`crate::translate::translate`] takes (unread fields empty).
     pub fn to_full(&self) -> EndpointSlice {
+        let mut metadata = self.metadata.clone();
+        if let Some(svc) = &self.service_name {
+            metadata
+                .labels
+                .get_or_insert_with(Default::default)
+                .insert(SERVICE_NAME_LABEL.to_string(), svc.clone());
+        }
         EndpointSlice {
-            metadata: self.metadata.clone(),
+            metadata,
             address_type: self.address_type.clone(),
             endpoints: self
                 .endpoints

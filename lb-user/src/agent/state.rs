@@ -6,7 +6,7 @@
 //! from the stores. The one complete [`DesiredState`] lives in the runtime; this keeps each
 //! Service's own contribution.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -49,7 +49,9 @@ pub struct AgentState {
     node_name: String,
     opts: TranslateOptions,
     /// EndpointSlices by the Service they belong to.
-    slices_by_service: HashMap<ServiceKey, HashSet<ObjectRef<SlimEndpointSlice>>>,
+    /// A Vec, not a set: a Service usually has one slice (a set would allocate buckets for
+    /// four, 10 000 times over).
+    slices_by_service: HashMap<ServiceKey, Vec<ObjectRef<SlimEndpointSlice>>>,
     /// The other way round: the Service each EndpointSlice's label named when last seen.
     slice_owner: HashMap<ObjectRef<SlimEndpointSlice>, ServiceKey>,
     entries: BTreeMap<ServiceKey, ServiceEntry>,
@@ -124,7 +126,7 @@ impl AgentState {
         if let Some(old) = old {
             if Some(&old) != service.as_ref() {
                 if let Some(set) = self.slices_by_service.get_mut(&old) {
-                    set.remove(&slice);
+                    set.retain(|s| *s != slice);
                     if set.is_empty() {
                         self.slices_by_service.remove(&old);
                     }
@@ -133,10 +135,10 @@ impl AgentState {
             touched.push(old);
         }
         if let Some(key) = service {
-            self.slices_by_service
-                .entry(key.clone())
-                .or_default()
-                .insert(slice.clone());
+            let set = self.slices_by_service.entry(key.clone()).or_default();
+            if !set.contains(&slice) {
+                set.push(slice.clone());
+            }
             self.slice_owner.insert(slice, key.clone());
             if !touched.contains(&key) {
                 touched.push(key);

@@ -27,7 +27,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use super::slim::SlimEndpointSlice;
-use crate::translate::{ACCELERATE_ANNOTATION, SERVICE_NAME_LABEL};
+use crate::translate::{ACCELERATE_ANNOTATION, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 
 /// Which reflector an event came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -130,10 +130,10 @@ pub fn service_key(svc: &Service) -> ServiceKey {
 
 /// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label).
 pub fn slice_service_key(slice: &SlimEndpointSlice) -> Option<ServiceKey> {
-    let svc = slice.labels().get(SERVICE_NAME_LABEL)?;
+    let svc = slice.service_name()?;
     Some((
         slice.namespace().unwrap_or_else(|| "default".into()),
-        svc.clone(),
+        svc.to_string(),
     ))
 }
 
@@ -143,7 +143,18 @@ fn trim_service(svc: &mut Service) {
     svc.managed_fields_mut().clear();
     svc.annotations_mut()
         .retain(|k, _| k == ACCELERATE_ANNOTATION);
+    svc.labels_mut()
+        .retain(|k, _| k == SERVICE_PROXY_NAME_LABEL);
     trim_meta(&mut svc.metadata);
+    if let Some(spec) = svc.spec.as_mut() {
+        // Translation reads clusterIP (headless or not), never these.
+        spec.cluster_ips = None;
+        spec.ip_families = None;
+        spec.ip_family_policy = None;
+        spec.internal_traffic_policy = None;
+        spec.allocate_load_balancer_node_ports = None;
+        spec.selector = None;
+    }
 }
 
 /// Metadata nothing here reads (the store keys objects by namespace and name; the watcher
@@ -156,12 +167,24 @@ fn trim_meta(meta: &mut ObjectMeta) {
     meta.generate_name = None;
     meta.generation = None;
     meta.finalizers = None;
+    // An empty map still holds a B-tree node (half a KiB).
+    if meta.labels.as_ref().is_some_and(|l| l.is_empty()) {
+        meta.labels = None;
+    }
+    if meta.annotations.as_ref().is_some_and(|a| a.is_empty()) {
+        meta.annotations = None;
+    }
 }
 
 fn trim_slice(slice: &mut SlimEndpointSlice) {
     slice.managed_fields_mut().clear();
     slice.annotations_mut().clear();
-    slice.labels_mut().retain(|k, _| k == SERVICE_NAME_LABEL);
+    // The one label read, as a plain field (see SlimEndpointSlice::service_name).
+    slice.service_name = slice
+        .labels_mut()
+        .remove(SERVICE_NAME_LABEL)
+        .or(slice.service_name.take());
+    slice.labels_mut().clear();
     trim_meta(&mut slice.metadata);
 }
 
@@ -250,5 +273,77 @@ fn is_gone(e: &watcher::Error) -> bool {
             let text = other.to_string();
             text.contains("410") || text.contains("too old resource version")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn watch_trims_keep_what_translation_reads() {
+        let mut slice: SlimEndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "web-abc", "namespace": "shop", "uid": "u", "resourceVersion": "7",
+                         "generateName": "web-", "annotations": {"a": "b"},
+                         "labels": {"kubernetes.io/service-name": "web",
+                                    "endpointslice.kubernetes.io/managed-by": "x"},
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "s"}]},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.1.0.5"], "nodeName": "n1"}]
+        }))
+        .unwrap();
+        trim_slice(&mut slice);
+        assert_eq!(slice.metadata.labels, None, "the label moved to a field");
+        assert_eq!(slice.metadata.annotations, None);
+        assert_eq!(slice.metadata.owner_references, None);
+        assert_eq!(slice.metadata.uid, None);
+        assert_eq!(
+            slice_service_key(&slice),
+            Some(("shop".to_string(), "web".to_string()))
+        );
+        let full = slice.to_full();
+        assert_eq!(
+            full.metadata.labels.unwrap()[SERVICE_NAME_LABEL],
+            "web",
+            "translation finds the Service by its label again"
+        );
+
+        let mut svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop",
+                         "labels": {"app": "web", SERVICE_PROXY_NAME_LABEL: "lbx"},
+                         "annotations": {ACCELERATE_ANNOTATION: "false", "other": "x"}},
+            "spec": {"clusterIP": "None", "clusterIPs": ["None"], "ipFamilies": ["IPv4"],
+                     "selector": {"app": "web"}, "ports": [{"port": 80}]}
+        }))
+        .unwrap();
+        trim_service(&mut svc);
+        let labels = svc.metadata.labels.as_ref().unwrap();
+        assert_eq!(
+            labels.keys().collect::<Vec<_>>(),
+            vec![SERVICE_PROXY_NAME_LABEL]
+        );
+        let annotations = svc.metadata.annotations.as_ref().unwrap();
+        assert_eq!(
+            annotations.keys().collect::<Vec<_>>(),
+            vec![ACCELERATE_ANNOTATION]
+        );
+        let spec = svc.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.cluster_ip.as_deref(),
+            Some("None"),
+            "headless is still seen"
+        );
+        assert_eq!(
+            (spec.cluster_ips.as_ref(), spec.selector.as_ref()),
+            (None, None)
+        );
+        assert_eq!(spec.ports.as_ref().unwrap().len(), 1);
+
+        let mut bare: Service =
+            serde_json::from_value(json!({"metadata": {"name": "b", "labels": {"app": "b"}}}))
+                .unwrap();
+        trim_service(&mut bare);
+        assert_eq!(bare.metadata.labels, None, "an emptied map is dropped");
     }
 }
