@@ -928,8 +928,8 @@ fn in_scope(scope: Option<&BTreeSet<ServicePortId>>, service: &ServicePortId) ->
     scope.is_none_or(|s| s.contains(service))
 }
 
-/// The desired service ports an apply looks at, in order.
-fn scoped<'a>(
+/// The desired service ports an apply looks at (None: all), in order.
+pub(crate) fn scoped<'a>(
     desired: &'a DesiredState,
     scope: Option<&'a BTreeSet<ServicePortId>>,
 ) -> Box<dyn Iterator<Item = (&'a ServicePortId, &'a ServicePortState)> + 'a> {

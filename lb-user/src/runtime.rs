@@ -803,12 +803,11 @@ impl Driver {
         // to it would leave through the kernel without reverse NAT.
         let local = {
             let resolver = NetResolver::new(&self.node_name, &self.node_ips, &self.resolved);
-            let states: Box<dyn Iterator<Item = &ServicePortState>> = match scope {
-                Scope::All => Box::new(self.desired.services.values()),
-                Scope::Changed(c) => {
-                    Box::new(c.iter().filter_map(|id| self.desired.services.get(id)))
-                }
+            let ports = match scope {
+                Scope::All => None,
+                Scope::Changed(c) => Some(c),
             };
+            let states = crate::reconcile::scoped(&self.desired, ports).map(|(_, st)| st);
             for b in states.flat_map(|st| st.backends.iter()).filter(|b| b.local) {
                 // Failures are the apply's to report.
                 let _ = resolver.resolve(b);
