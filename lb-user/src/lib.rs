@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bpffs;
 pub mod dataplane;
 pub mod inspect;
+pub mod intern;
 pub mod maglev;
 pub mod model;
 pub mod netinfo;

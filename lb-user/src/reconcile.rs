@@ -766,12 +766,14 @@ impl Reconciler {
             if self.shadow.rings[plan.service_id as usize] == SlotRing::Known(source.clone()) {
                 continue;
             }
-            let counted = self
-                .shadow
-                .frontends
-                .values()
-                .any(|(_, fe)| fe.service_id == plan.service_id && fe.backend_count > 0);
-            if source.is_empty() && counted {
+            // (A scan of every frontend: only for rings that empty.)
+            let counted = || {
+                self.shadow
+                    .frontends
+                    .values()
+                    .any(|(_, fe)| fe.service_id == plan.service_id && fe.backend_count > 0)
+            };
+            if source.is_empty() && counted() {
                 deferred.push(service.clone());
                 continue;
             }
@@ -1169,12 +1171,7 @@ mod tests {
     }
 
     fn sp(name: &str) -> ServicePortId {
-        ServicePortId {
-            namespace: "default".into(),
-            name: name.into(),
-            port_name: "http".into(),
-            protocol: PROTO_TCP,
-        }
+        ServicePortId::new("default", name, "http", PROTO_TCP)
     }
 
     fn ready(last: u8) -> BackendSpec {

@@ -1369,12 +1369,7 @@ mod tests {
         assert!(summary(&r).starts_with("applied: 19 map writes (frontends +2 -0 ~0, backends +3"));
         assert!(problems(&r).is_empty());
         r.unresolved.push(Unresolved {
-            service: ServicePortId {
-                namespace: "ns".into(),
-                name: "web".into(),
-                port_name: String::new(),
-                protocol: lb_common::PROTO_TCP,
-            },
+            service: ServicePortId::new("ns", "web", "", lb_common::PROTO_TCP),
             addr: "10.244.1.5".parse().unwrap(),
             port: 8080,
             reason: "no route".into(),

@@ -395,12 +395,7 @@ status:
     const NODE: &str = "ip-10-42-11-23.us-west-2.compute.internal";
 
     fn ui_nlb_id() -> ServicePortId {
-        ServicePortId {
-            namespace: "ui".into(),
-            name: "ui-nlb".into(),
-            port_name: "http".into(),
-            protocol: PROTO_TCP,
-        }
+        ServicePortId::new("ui", "ui-nlb", "http", PROTO_TCP)
     }
 
     fn check_ui_nlb(desired: &DesiredState, skipped: &[Skipped]) {

@@ -18,10 +18,13 @@
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_common::{PROTO_TCP, PROTO_UDP};
+
+use crate::intern::intern;
 
 use crate::model::{
     proto_name, BackendSpec, DesiredState, FrontendAddr, ServicePortId, ServicePortState,
@@ -122,7 +125,7 @@ fn namespace_of(ns: Option<&str>) -> String {
 /// An endpoint of one slice, conditions defaulted like kube-proxy.
 struct SliceEndpoint {
     addr: Ipv4Addr,
-    node_name: Option<String>,
+    node_name: Option<Arc<str>>,
     ready: bool,
     serving: bool,
     terminating: bool,
@@ -281,12 +284,7 @@ impl Translation {
                 continue; // ClusterIP only: kube-proxy's job
             }
             let backends = backends_for(&parsed, &port_name, proto, node_name, local_only);
-            let id = ServicePortId {
-                namespace: ns.to_string(),
-                name: name.to_string(),
-                port_name,
-                protocol: proto,
-            };
+            let id = ServicePortId::new(ns, name, port_name, proto);
             self.desired.services.insert(
                 id,
                 ServicePortState {
@@ -565,7 +563,7 @@ impl Translation {
             let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
             endpoints.push(SliceEndpoint {
                 addr,
-                node_name: ep.node_name.clone(),
+                node_name: ep.node_name.as_deref().map(intern),
                 ready,
                 serving,
                 terminating,
@@ -696,12 +694,7 @@ mod tests {
     }
 
     fn id(port_name: &str, proto: u8) -> ServicePortId {
-        ServicePortId {
-            namespace: "shop".into(),
-            name: "web".into(),
-            port_name: port_name.into(),
-            protocol: proto,
-        }
+        ServicePortId::new("shop", "web", port_name, proto)
     }
 
     fn run(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, Vec<Skipped>) {
@@ -1060,12 +1053,7 @@ mod tests {
             "{reasons:#?}"
         );
         // Port y keeps its externalIP and LB IP frontends despite the bad nodePort.
-        let y = ServicePortId {
-            namespace: "shop".into(),
-            name: "bad".into(),
-            port_name: "y".into(),
-            protocol: PROTO_TCP,
-        };
+        let y = ServicePortId::new("shop", "bad", "y", PROTO_TCP);
         assert_eq!(desired.services[&y].frontends.len(), 2);
         assert_eq!(desired.services.len(), 1);
     }

@@ -9,6 +9,11 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{Metadata, NamespaceResourceScope, Resource};
 use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use crate::intern::intern;
 
 use crate::translate::SERVICE_NAME_LABEL;
 
@@ -32,7 +37,9 @@ pub struct SlimEndpointSlice {
 }
 
 /// One endpoint: its first address (the API says all of them are fungible and consumers
-/// may use only the first, as kube-proxy does), conditions and node.
+/// may use only the first, as kube-proxy does), conditions and node. 48 bytes and no heap
+/// allocation of its own for an IPv4 endpoint (the node name is shared, see
+/// [`crate::intern`]); the k8s_openapi Endpoint is 352 bytes plus a chunk per string.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SlimEndpoint {
@@ -42,23 +49,82 @@ pub struct SlimEndpoint {
         deserialize_with = "first_of",
         serialize_with = "as_list"
     )]
-    pub address: Option<String>,
+    pub address: Option<SlimAddress>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conditions: Option<EndpointConditions>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_name: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "interned",
+        serialize_with = "as_str",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub node_name: Option<Arc<str>>,
+}
+
+/// An endpoint address as the API sent it: parsed when it is an IPv4 address in canonical
+/// form (what the agent uses; no allocation), else the text (an IPv6 or FQDN slice, or an
+/// address translation will report as unusable, exactly as written).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlimAddress {
+    V4(Ipv4Addr),
+    Text(Box<str>),
+}
+
+impl SlimAddress {
+    pub fn new(text: &str) -> Self {
+        match text.parse::<Ipv4Addr>() {
+            // Only when printing it gives the same text back, so to_full is exact.
+            Ok(a) if a.to_string() == text => SlimAddress::V4(a),
+            _ => SlimAddress::Text(text.into()),
+        }
+    }
+}
+
+impl fmt::Display for SlimAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SlimAddress::V4(a) => write!(f, "{a}"),
+            SlimAddress::Text(t) => f.write_str(t),
+        }
+    }
+}
+
+impl Serialize for SlimAddress {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SlimAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(SlimAddress::new(&text))
+    }
 }
 
 /// The first element of a list (`null` and `[]`: None).
-fn first_of<'de, D>(d: D) -> Result<Option<String>, D::Error>
+fn first_of<'de, D>(d: D) -> Result<Option<SlimAddress>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
-    Ok(null_as_empty::<D, String>(d)?.into_iter().next())
+    Ok(null_as_empty::<D, SlimAddress>(d)?.into_iter().next())
 }
 
-fn as_list<S: serde::Serializer>(a: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+fn as_list<S: serde::Serializer>(a: &Option<SlimAddress>, s: S) -> Result<S::Ok, S::Error> {
     a.iter().collect::<Vec<_>>().serialize(s)
+}
+
+fn as_str<S: serde::Serializer>(n: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+    n.as_deref().serialize(s)
+}
+
+/// A name shared with every other endpoint on the same node.
+fn interned<'de, D>(d: D) -> Result<Option<Arc<str>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let name = Option::<std::borrow::Cow<'de, str>>::deserialize(d)?;
+    Ok(name.map(|n| intern(&n)))
 }
 
 /// `null` or a missing field as an empty list, as k8s_openapi reads list fields.
@@ -112,9 +178,9 @@ impl SlimEndpointSlice {
                 .endpoints
                 .iter()
                 .map(|e| SlimEndpoint {
-                    address: e.addresses.first().cloned(),
+                    address: e.addresses.first().map(|a| SlimAddress::new(a)),
                     conditions: e.conditions.clone(),
-                    node_name: e.node_name.clone(),
+                    node_name: e.node_name.as_deref().map(intern),
                 })
                 .collect(),
             ports: slice.ports.clone(),
@@ -138,9 +204,9 @@ impl SlimEndpointSlice {
                 .endpoints
                 .iter()
                 .map(|e| Endpoint {
-                    addresses: e.address.iter().cloned().collect(),
+                    addresses: e.address.iter().map(|a| a.to_string()).collect(),
                     conditions: e.conditions.clone(),
-                    node_name: e.node_name.clone(),
+                    node_name: e.node_name.as_deref().map(str::to_string),
                     ..Endpoint::default()
                 })
                 .collect(),
@@ -204,10 +270,49 @@ mod tests {
         assert_eq!(ep.address, None);
         let ep: SlimEndpoint =
             serde_json::from_value(json!({"addresses": ["10.0.0.1", "10.0.0.2"]})).unwrap();
-        assert_eq!(ep.address.as_deref(), Some("10.0.0.1"));
+        assert_eq!(
+            ep.address,
+            Some(SlimAddress::V4(Ipv4Addr::new(10, 0, 0, 1)))
+        );
         assert_eq!(
             serde_json::to_value(&ep).unwrap()["addresses"],
             json!(["10.0.0.1"])
+        );
+    }
+
+    #[test]
+    fn slim_slice_gives_back_every_address_as_written_and_shares_node_names() {
+        let v = json!({"metadata": {"name": "odd"}, "addressType": "IPv4", "endpoints": [
+            {"addresses": ["10.0.0.1"], "nodeName": "slim-test-node"},
+            {"addresses": ["010.0.0.1"], "nodeName": "slim-test-node"},
+            {"addresses": ["fd00::1"]},
+            {"addresses": ["pod.example"]},
+            {"addresses": [" 10.0.0.2"]}
+        ]});
+        let full: EndpointSlice = serde_json::from_value(v.clone()).unwrap();
+        let slim: SlimEndpointSlice = serde_json::from_value(v).unwrap();
+        assert_eq!(slim, SlimEndpointSlice::from_full(&full));
+        assert_eq!(
+            slim.endpoints[0].address,
+            Some(SlimAddress::V4(Ipv4Addr::new(10, 0, 0, 1)))
+        );
+        assert_eq!(
+            slim.endpoints[1].address,
+            Some(SlimAddress::Text("010.0.0.1".into())),
+            "a non-canonical IPv4 text stays text, so translation reports it as written"
+        );
+        let back = slim.to_full();
+        for (b, f) in back.endpoints.iter().zip(&full.endpoints) {
+            assert_eq!((&b.addresses, &b.node_name), (&f.addresses, &f.node_name));
+        }
+        let (a, b) = (
+            slim.endpoints[0].node_name.as_ref().unwrap(),
+            slim.endpoints[1].node_name.as_ref().unwrap(),
+        );
+        assert!(Arc::ptr_eq(a, b), "one node name, one allocation");
+        assert_eq!(
+            serde_json::to_value(&slim.endpoints[1]).unwrap(),
+            json!({"addresses": ["010.0.0.1"], "nodeName": "slim-test-node"})
         );
     }
 
@@ -219,5 +324,6 @@ mod tests {
         );
         assert_eq!(SlimEndpointSlice::kind(&()), "EndpointSlice");
         assert!(std::mem::size_of::<SlimEndpoint>() * 4 < std::mem::size_of::<Endpoint>());
+        assert!(std::mem::size_of::<SlimEndpoint>() <= 48);
     }
 }
