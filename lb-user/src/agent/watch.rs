@@ -139,7 +139,7 @@ pub fn slice_service_key(slice: &SlimEndpointSlice) -> Option<ServiceKey> {
 
 /// Memory: the agent holds every Service and EndpointSlice of the cluster. Managed fields
 /// and annotations we never read are most of an object's size.
-fn trim_service(svc: &mut Service) {
+pub fn trim_service(svc: &mut Service) {
     svc.managed_fields_mut().clear();
     svc.annotations_mut()
         .retain(|k, _| k == ACCELERATE_ANNOTATION);
@@ -176,7 +176,7 @@ fn trim_meta(meta: &mut ObjectMeta) {
     }
 }
 
-fn trim_slice(slice: &mut SlimEndpointSlice) {
+pub fn trim_slice(slice: &mut SlimEndpointSlice) {
     slice.managed_fields_mut().clear();
     slice.annotations_mut().clear();
     // The one label read, as a plain field (see SlimEndpointSlice::service_name).
