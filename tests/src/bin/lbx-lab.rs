@@ -1079,11 +1079,16 @@ impl Cluster {
         r.hops = local.max(remote).unwrap_or(0);
 
         let source = path_source(path);
+        // The path's client address and the agents' SNAT addresses: a remote xdp delivery
+        // reaches the owning node from the latter, and counts there if netfilter sees it.
+        let probe_sources: Vec<Ipv4Addr> = std::iter::once(source)
+            .chain((0..self.lab.node_count()).map(|n| self.lab.snat_addr(n)))
+            .collect();
         let probes: Vec<NftProbe> = (0..self.lab.node_count())
             .map(|n| {
                 NftProbe::install(
                     self.lab.topology().node_ns(n),
-                    source,
+                    &probe_sources,
                     &[TCP_NODE_PORT, TCP_TARGET_PORT],
                 )
             })
