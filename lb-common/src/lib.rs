@@ -135,6 +135,10 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 36);
 
 /// `Config::flags`: decrement TTL on forwarded packets like a router (default on).
 pub const CFG_DEC_TTL: u32 = 1;
+/// `Config::flags`: `PEERS` holds at least one peer SNAT address, so the programs look
+/// packets up there (set by userspace with the peers; saves a hash lookup per packet on
+/// nodes without peers).
+pub const CFG_PEERS: u32 = 2;
 
 /// Value of `CONFIG[0]`: per-node settings written by userspace before attaching.
 #[repr(C)]
@@ -251,6 +255,36 @@ pub struct RevNatEntry {
 }
 const _: () = assert!(core::mem::size_of::<RevNatEntry>() == 36);
 
+/// Value of `LOCAL_ENDPOINTS` (key: the pod's IPv4 address, wire order): how to put a frame
+/// straight into a pod on this node. The same pod behind many Service ports is one entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LocalEndpoint {
+    /// The pod's host-side veth.
+    pub ifindex: u32,
+    /// The pod's MAC (destination).
+    pub mac: [u8; 6],
+    /// The MAC of `ifindex` (source).
+    pub node_mac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 16);
+
+/// Value of `PEERS` (key: another node's SNAT address, wire order): where replies to that
+/// node's forwarded flows leave. Userspace inserts the key with a zero value; `lb_ingress`
+/// fills in the interface and MACs from the peer's first forwarded request (the reply goes
+/// back the way the request came), so `ifindex == 0` means "not seen yet".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PeerNode {
+    /// Our interface the peer's requests arrive on.
+    pub ifindex: u32,
+    /// The peer's MAC (the requests' source).
+    pub mac: [u8; 6],
+    /// Our MAC on `ifindex` (the requests' destination).
+    pub node_mac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<PeerNode>() == 16);
+
 /// Key of `AFFINITY`: sessionAffinity ClientIP per service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -284,4 +318,6 @@ mod pod_impls {
     unsafe impl aya::Pod for RevNatEntry {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
+    unsafe impl aya::Pod for LocalEndpoint {}
+    unsafe impl aya::Pod for PeerNode {}
 }

@@ -64,6 +64,12 @@ reasons! {
     DropRedirectFailed = 20, "drop_redirect_failed";
     /// Program error (map missing, bounds): packet passed; a bug if it ever counts.
     PassInternal = 21, "pass_internal";
+    /// Request another node's lbx SNATed to a pod on this node: redirected straight into
+    /// the pod's veth (no netfilter, no NAT here).
+    FwdPeer = 22, "fwd_peer";
+    /// A local pod's reply to a peer node's SNAT address: redirected straight out of the
+    /// interface the peer's requests came in on (TC).
+    ReplyPeer = 23, "reply_peer";
 }
 
 /// Size of the `STATS` array.

@@ -9,12 +9,15 @@ use aya_ebpf::{
 use lb_common::{
     hash::{client_hash, flow_hash},
     port_be, port_host, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, Frontend,
-    FrontendKey, Reason, RevNatEntry, BE_ACTIVE, BE_LOCAL, BE_TERMINATING, CT_CLOSING, CT_SNAT,
-    FE_AFFINITY, REV_CLOSING, REV_SNAT, SNAT_TIME_WAIT_S,
+    FrontendKey, LocalEndpoint, PeerNode, Reason, RevNatEntry, BE_ACTIVE, BE_LOCAL, BE_TERMINATING,
+    CFG_PEERS, CT_CLOSING, CT_SNAT, FE_AFFINITY, REV_CLOSING, REV_SNAT, SNAT_TIME_WAIT_S,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONNTRACK, FRONTENDS, MAGLEV, REVNAT, SERVICE_PORTS},
+    maps::{
+        AFFINITY, BACKENDS, CONNTRACK, FRONTENDS, LOCAL_ENDPOINTS, MAGLEV, PEERS, REVNAT,
+        SERVICE_PORTS,
+    },
     parse::Parsed,
 };
 
@@ -67,6 +70,55 @@ pub fn snat_reply_lookup(cfg: &Config, p: &Parsed) -> Option<*mut RevNatEntry> {
         return None;
     }
     Some(rev)
+}
+
+/// A request another node's lbx load-balanced and SNATed to one of our pods: the packet
+/// comes from a peer's SNAT address (`PEERS`) to a local endpoint. Returns the peer entry
+/// and where the pod is. That node chose the backend and holds the flow's state; here it is
+/// one redirect, like any hop of a routed VPC.
+#[inline(always)]
+pub fn peer_request_lookup(cfg: &Config, p: &Parsed) -> Option<(*mut PeerNode, LocalEndpoint)> {
+    if cfg.flags & CFG_PEERS == 0 {
+        return None;
+    }
+    let peer = PEERS.get_ptr_mut(&p.saddr)?;
+    let ep = unsafe { LOCAL_ENDPOINTS.get(&p.daddr) }?;
+    Some((peer, *ep))
+}
+
+/// Remembers how the peer's requests arrive (interface, its MAC, ours), which is how its
+/// replies leave. Written only when something changed: every forwarded request reads it.
+#[inline(always)]
+pub fn peer_learn(peer: *mut PeerNode, ifindex: u32, peer_mac: [u8; 6], node_mac: [u8; 6]) {
+    let peer = unsafe { &mut *peer };
+    if peer.ifindex != ifindex
+        || !mac_eq(&peer.mac, &peer_mac)
+        || !mac_eq(&peer.node_mac, &node_mac)
+    {
+        peer.ifindex = ifindex;
+        peer.mac = peer_mac;
+        peer.node_mac = node_mac;
+    }
+}
+
+/// Byte by byte: `==` on arrays can become a `bcmp` call, which BPF does not have.
+#[inline(always)]
+fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5]
+}
+
+/// A local pod's reply to a peer's SNAT address: the peer entry, once a request of that
+/// peer taught us where it is (`ifindex != 0`).
+#[inline(always)]
+pub fn peer_reply_lookup(cfg: &Config, p: &Parsed) -> Option<PeerNode> {
+    if cfg.flags & CFG_PEERS == 0 {
+        return None;
+    }
+    let peer = unsafe { PEERS.get(&p.daddr) }?;
+    if peer.ifindex == 0 {
+        return None;
+    }
+    Some(*peer)
 }
 
 /// Does any frontend use the packet's destination port (protocol and port)? A clear bit

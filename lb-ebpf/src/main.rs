@@ -3,6 +3,11 @@
 //!   SNATed flows;
 //! - `lb_reply` (TC ingress, on local pods' host-side veths): reverse-NAT of pod replies.
 //!
+//! A flow whose backend is on another node crosses both nodes without netfilter: the
+//! receiving node SNATs and forwards it; the owning node sees it come from a peer's SNAT
+//! address (`PEERS`) to a local endpoint and redirects it into the pod, and `lb_reply`
+//! sends the pod's replies to that address straight back out.
+//!
 //! The request path reads top to bottom: parse, the service-port bitmap, ct_lookup (an
 //! established flow whose entry is current goes straight to dnat: one hash lookup),
 //! lookup_service, select_backend, ct_create, dnat (rewrite), redirect. Why skipping the
@@ -67,6 +72,17 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         return Ok((xmit(rev.ifindex), Reason::RevNatRemote));
     }
 
+    // A request another node's lbx sent to one of our pods: into the pod, no NAT here.
+    if let Some((peer, ep)) = lb::peer_request_lookup(cfg, &p) {
+        if p.ttl <= 1 {
+            return Err(Reason::PassTtl);
+        }
+        let (peer_mac, node_mac) = frame_macs(ctx)?;
+        lb::peer_learn(peer, ingress, peer_mac, node_mac);
+        nat::forward_xdp(ctx, &p, &ep.mac, &ep.node_mac, cfg.flags)?;
+        return Ok((xmit(ep.ifindex), Reason::FwdPeer));
+    }
+
     if !lb::is_service_port(&p) {
         return Err(Reason::PassNonService);
     }
@@ -95,15 +111,21 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     // New flow (or one whose entry no longer holds): choose a backend and remember it.
     let hash = lb::packet_hash(&p);
     let (id, be) = lb::select_backend(cfg, &p, &fe, hash)?;
+    let (client_mac, node_mac) = frame_macs(ctx)?;
+    let flow = lb::ct_create(cfg, &p, &fe, id, be, client_mac, node_mac, ingress, epoch, hash)?;
+    dnat_and_deliver(ctx, cfg, &p, &flow)
+}
+
+/// The frame's (source, destination) MACs.
+#[inline(always)]
+fn frame_macs(ctx: &XdpContext) -> Result<([u8; 6], [u8; 6]), Reason> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassInternal)?;
-    let (client_mac, node_mac) = unsafe {
+    Ok(unsafe {
         (
             parse::read_mac(core::ptr::addr_of!((*eth).src)),
             parse::read_mac(core::ptr::addr_of!((*eth).dst)),
         )
-    };
-    let flow = lb::ct_create(cfg, &p, &fe, id, be, client_mac, node_mac, ingress, epoch, hash)?;
-    dnat_and_deliver(ctx, cfg, &p, &flow)
+    })
 }
 
 #[inline(always)]
@@ -173,7 +195,7 @@ fn try_lb_reply(ctx: &mut TcContext) -> Result<(i32, Reason), Reason> {
     let cfg = CONFIG.get(0).ok_or(Reason::PassInternal)?;
     let rev = match lb::revnat_lookup(cfg, &p, &lb::ct_key(&p)) {
         Some(rev) if unsafe { (*rev).flags } & REV_SNAT == 0 => unsafe { *rev },
-        _ => return Err(Reason::PassNotReply),
+        _ => return reply_to_peer(ctx, cfg, &p),
     };
     if p.ttl <= 1 {
         return Err(Reason::PassTtl);
@@ -192,6 +214,27 @@ fn try_lb_reply(ctx: &mut TcContext) -> Result<(i32, Reason), Reason> {
         return Ok((verdict, Reason::DropRedirectFailed));
     }
     Ok((verdict, Reason::RevNatLocal))
+}
+
+/// A local pod's reply to a flow a peer node forwarded (its SNAT address is the
+/// destination): straight back out of the interface the peer's requests came in on. The
+/// peer's XDP program undoes its NAT.
+#[inline(always)]
+fn reply_to_peer(
+    ctx: &mut TcContext,
+    cfg: &lb_common::Config,
+    p: &parse::Parsed,
+) -> Result<(i32, Reason), Reason> {
+    let peer = lb::peer_reply_lookup(cfg, p).ok_or(Reason::PassNotReply)?;
+    if p.ttl <= 1 {
+        return Err(Reason::PassTtl);
+    }
+    nat::forward_tc(ctx, p, &peer.mac, &peer.node_mac, cfg.flags)?;
+    let verdict = unsafe { bpf_redirect(peer.ifindex, 0) } as i32;
+    if verdict != TC_ACT_REDIRECT {
+        return Ok((verdict, Reason::DropRedirectFailed));
+    }
+    Ok((verdict, Reason::ReplyPeer))
 }
 
 #[cfg(not(test))]

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     stats::NUM_REASONS, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, Frontend,
-    FrontendKey, RevNatEntry,
+    FrontendKey, LocalEndpoint, PeerNode, RevNatEntry,
 };
 
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists, so a new flow's insert takes no global lock
@@ -39,6 +39,20 @@ pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::with_max_entries
 /// backend before any ring references it and clears it only after no ring does.
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(65536, 0);
+
+/// Pods on this node that are backends of some service, by pod IPv4 address (wire order):
+/// their veth and MACs. Written by userspace (`Dataplane`) with the local backends; read
+/// by `lb_ingress` for requests a peer node forwarded (see `PEERS`).
+#[map]
+pub static LOCAL_ENDPOINTS: HashMap<u32, LocalEndpoint> = HashMap::with_max_entries(16384, 0);
+
+/// The other nodes' SNAT addresses (wire order): a packet from one of them to a local
+/// endpoint is a request that node's lbx already load-balanced, so it goes straight into the
+/// pod, and the pod's replies to it straight out again (no netfilter on this node either).
+/// Userspace writes the keys (zero values); `lb_ingress` fills in the interface and MACs
+/// the peer's requests arrive with.
+#[map]
+pub static PEERS: HashMap<u32, PeerNode> = HashMap::with_max_entries(1024, 0);
 
 /// Maglev lookup tables, one ring of `Config::maglev_size` backend ids per service slot,
 /// laid end to end: ring slot `s` of the flat u32 sequence is `MAGLEV[s / 2][s % 2]`. Pairs,

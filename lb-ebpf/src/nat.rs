@@ -75,6 +75,57 @@ pub fn rewrite_xdp(ctx: &XdpContext, p: &Parsed, r: &Rewrite, cfg_flags: u32) ->
     Ok(())
 }
 
+/// Forwards an XDP packet as a router would, addresses and ports untouched: new MACs and
+/// the TTL decrement (the IPv4 checksum follows; the L4 checksum does not cover the TTL).
+#[inline(always)]
+pub fn forward_xdp(
+    ctx: &XdpContext,
+    p: &Parsed,
+    dmac: &[u8; 6],
+    smac: &[u8; 6],
+    cfg_flags: u32,
+) -> Result<(), Reason> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassInternal)?;
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Reason::PassInternal)?;
+    unsafe {
+        write_mac(core::ptr::addr_of_mut!((*eth).dst), dmac);
+        write_mac(core::ptr::addr_of_mut!((*eth).src), smac);
+        if cfg_flags & CFG_DEC_TTL != 0 {
+            let ip = &mut *ip;
+            let new_ttl = p.ttl - 1;
+            ip.check = csum::replace2(ip.check, ttl_word(p.ttl, p.proto), ttl_word(new_ttl, p.proto));
+            ip.ttl = new_ttl;
+        }
+    }
+    Ok(())
+}
+
+/// [`forward_xdp`] for TC (a local pod's reply to a peer node): MACs and TTL only.
+#[inline(always)]
+pub fn forward_tc(
+    ctx: &mut TcContext,
+    p: &Parsed,
+    dmac: &[u8; 6],
+    smac: &[u8; 6],
+    cfg_flags: u32,
+) -> Result<(), Reason> {
+    let e = |_| Reason::PassInternal;
+    if cfg_flags & CFG_DEC_TTL != 0 {
+        let new_ttl = p.ttl - 1;
+        ctx.l3_csum_replace(
+            p.l3_off + IP_CSUM_OFF,
+            ttl_word(p.ttl, p.proto) as u64,
+            ttl_word(new_ttl, p.proto) as u64,
+            2,
+        )
+        .map_err(e)?;
+        ctx.store(p.l3_off + IP_TTL_OFF, &new_ttl, 0).map_err(e)?;
+    }
+    ctx.store(0, dmac, 0).map_err(e)?;
+    ctx.store(ETH_SRC_OFF, smac, 0).map_err(e)?;
+    Ok(())
+}
+
 /// Reverse NAT of a reply from a local pod (TC): the source becomes the frontend again.
 /// Only the source address/port, TTL and MACs change; the destination is the client already.
 #[inline(always)]

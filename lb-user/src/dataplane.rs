@@ -4,6 +4,7 @@
 //! CLI, tests) goes through its typed methods.
 
 use std::{
+    collections::BTreeSet,
     os::fd::{AsFd, AsRawFd},
     ptr::NonNull,
     time::Duration,
@@ -19,7 +20,8 @@ use aya::{
 };
 use lb_common::{
     port_host, service_port_word, stats::NUM_REASONS, AffinityEntry, AffinityKey, Backend, Config,
-    CtEntry, CtKey, Frontend, FrontendKey, Reason, RevNatEntry, DEFAULT_MAGLEV_SIZE,
+    CtEntry, CtKey, Frontend, FrontendKey, LocalEndpoint, PeerNode, Reason, RevNatEntry, BE_ACTIVE,
+    BE_LOCAL, CFG_PEERS, DEFAULT_MAGLEV_SIZE,
 };
 use log::warn;
 
@@ -216,6 +218,13 @@ pub struct Dataplane {
     frontend_keys: std::collections::HashMap<FrontendKey, u32>,
     /// `Config::frontend_epoch` as last written (see [`Dataplane::bump_frontend_epoch`]).
     frontend_epoch: u32,
+    /// LOCAL_ENDPOINTS as written, with the local backend ids of each pod: the same pod
+    /// behind many Service ports is one entry, deleted with its last id.
+    local_endpoints: std::collections::HashMap<u32, (LocalEndpoint, BTreeSet<u32>)>,
+    /// The pod address of every local backend id (to find its entry again on clear).
+    local_ids: std::collections::HashMap<u32, u32>,
+    /// The keys of PEERS (peer nodes' SNAT addresses, wire order).
+    peers: BTreeSet<u32>,
 }
 
 const PROG_XDP: &str = "lb_ingress";
@@ -230,6 +239,8 @@ pub const MAP_NAMES: &[&str] = &[
     "REVNAT",
     "AFFINITY",
     "STATS",
+    "LOCAL_ENDPOINTS",
+    "PEERS",
 ];
 const PROG_PASS: &str = "lb_pass";
 const PROG_TC: &str = "lb_reply";
@@ -256,6 +267,7 @@ impl Dataplane {
             }
             None => Vec::new(),
         };
+        let reused_pins = pin_paths.iter().any(|(_, p)| p.exists());
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -311,6 +323,9 @@ impl Dataplane {
             port_refs: Default::default(),
             frontend_keys: Default::default(),
             frontend_epoch: 0,
+            local_endpoints: Default::default(),
+            local_ids: Default::default(),
+            peers: BTreeSet::new(),
         };
         // Pinned maps may already hold frontends (agent restart): rebuild the port bitmap.
         for (key, fe) in dp.frontends()? {
@@ -323,6 +338,22 @@ impl Dataplane {
         for (proto, port) in ports {
             dp.set_port_bit(proto, port, true)?;
         }
+        // Pinned maps (agent restart): LOCAL_ENDPOINTS and PEERS are derived state, rebuilt
+        // from BACKENDS here and from the agent's peers when it sets them.
+        dp.hash_clear::<u32, LocalEndpoint>("LOCAL_ENDPOINTS")?;
+        if reused_pins {
+            for id in 1..dp.opts.max_backends {
+                let be = dp.backend(id)?;
+                if be.flags & BE_ACTIVE != 0 {
+                    dp.track_local(id, &be)?;
+                }
+            }
+        }
+        dp.peers = dp
+            .hash_entries::<u32, PeerNode>("PEERS")?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         // Continue a pinned config's epoch: going back to an older value could make entries
         // checked before a frontend change look current again.
         dp.frontend_epoch = dp.config()?.frontend_epoch;
@@ -343,6 +374,12 @@ impl Dataplane {
         let mut cfg = *cfg;
         // The ring layout is fixed at load time; the program must agree with it.
         cfg.maglev_size = self.opts.maglev_size;
+        // Whether the programs consult PEERS follows the map, not the caller.
+        if self.peers.is_empty() {
+            cfg.flags &= !CFG_PEERS;
+        } else {
+            cfg.flags |= CFG_PEERS;
+        }
         self.frontend_epoch = self.frontend_epoch.wrapping_add(1);
         cfg.frontend_epoch = self.frontend_epoch;
         let mut map: Array<_, Config> = self.typed("CONFIG")?;
@@ -426,9 +463,119 @@ impl Dataplane {
         self.hash_entries("FRONTENDS")
     }
 
+    /// Writes a backend id; a local backend also makes its pod a LOCAL_ENDPOINTS entry
+    /// (written after BACKENDS, removed with the pod's last local id).
     pub fn set_backend(&mut self, id: u32, be: &Backend) -> Result<(), DataplaneError> {
         let mut map: Array<_, Backend> = self.typed("BACKENDS")?;
-        map.set(id, be, 0).map_err(map_err("BACKENDS", "set"))
+        map.set(id, be, 0).map_err(map_err("BACKENDS", "set"))?;
+        self.track_local(id, be)
+    }
+
+    /// Keeps LOCAL_ENDPOINTS in step with the local backends in BACKENDS.
+    fn track_local(&mut self, id: u32, be: &Backend) -> Result<(), DataplaneError> {
+        let is_local = be.flags & BE_ACTIVE != 0 && be.flags & BE_LOCAL != 0;
+        let addr = be.addr[0];
+        if let Some(old) = self.local_ids.get(&id).copied() {
+            if !is_local || old != addr {
+                self.local_ids.remove(&id);
+                let last = match self.local_endpoints.get_mut(&old) {
+                    Some((_, ids)) => {
+                        ids.remove(&id);
+                        ids.is_empty()
+                    }
+                    None => false,
+                };
+                if last {
+                    self.local_endpoints.remove(&old);
+                    let mut map: HashMap<_, u32, LocalEndpoint> = self.typed("LOCAL_ENDPOINTS")?;
+                    match map.remove(&old) {
+                        Ok(()) => {}
+                        Err(e) if is_not_found(&e) => {}
+                        Err(e) => return Err(map_err("LOCAL_ENDPOINTS", "remove")(e)),
+                    }
+                }
+            }
+        }
+        if !is_local {
+            return Ok(());
+        }
+        let ep = LocalEndpoint {
+            ifindex: be.ifindex,
+            mac: be.dmac,
+            node_mac: be.smac,
+        };
+        self.local_ids.insert(id, addr);
+        let entry = self
+            .local_endpoints
+            .entry(addr)
+            .or_insert_with(|| (LocalEndpoint::default(), BTreeSet::new()));
+        entry.1.insert(id);
+        if entry.0 != ep || entry.1.len() == 1 {
+            entry.0 = ep;
+            self.hash_insert("LOCAL_ENDPOINTS", &addr, &ep)?;
+        }
+        Ok(())
+    }
+
+    /// LOCAL_ENDPOINTS as the program sees it.
+    pub fn local_endpoints(&self) -> Result<Vec<(u32, LocalEndpoint)>, DataplaneError> {
+        self.hash_entries("LOCAL_ENDPOINTS")
+    }
+
+    /// Sets the other nodes' SNAT addresses (PEERS keys). Entries that stay keep what the
+    /// program learned about them; `Config::flags` gets `CFG_PEERS` while there are any.
+    pub fn set_peers(&mut self, peers: &[std::net::Ipv4Addr]) -> Result<(), DataplaneError> {
+        let want: BTreeSet<u32> = peers
+            .iter()
+            .map(|a| u32::from_ne_bytes(a.octets()))
+            .collect();
+        let gone: Vec<u32> = self.peers.difference(&want).copied().collect();
+        let new: Vec<u32> = want.difference(&self.peers).copied().collect();
+        let had = !self.peers.is_empty();
+        {
+            let mut map: HashMap<_, u32, PeerNode> = self.typed("PEERS")?;
+            for addr in &new {
+                map.insert(addr, PeerNode::default(), 0)
+                    .map_err(map_err("PEERS", "insert"))?;
+            }
+        }
+        self.peers.extend(new.iter().copied());
+        if !had && !self.peers.is_empty() {
+            self.rewrite_config_flags()?;
+        }
+        for addr in &gone {
+            self.peers.remove(addr);
+        }
+        if had && self.peers.is_empty() {
+            self.rewrite_config_flags()?;
+        }
+        let mut map: HashMap<_, u32, PeerNode> = self.typed("PEERS")?;
+        for addr in &gone {
+            match map.remove(addr) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err("PEERS", "remove")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// PEERS as the program sees it (with what it learned).
+    pub fn peers(&self) -> Result<Vec<(u32, PeerNode)>, DataplaneError> {
+        self.hash_entries("PEERS")
+    }
+
+    /// Rewrites CONFIG with its flags following `self.peers` (the epoch stays: peers do not
+    /// change which frontend a packet resolves to).
+    fn rewrite_config_flags(&mut self) -> Result<(), DataplaneError> {
+        let mut cfg = self.config()?;
+        if self.peers.is_empty() {
+            cfg.flags &= !CFG_PEERS;
+        } else {
+            cfg.flags |= CFG_PEERS;
+        }
+        let mut map: Array<_, Config> = self.typed("CONFIG")?;
+        map.set(0, cfg, 0).map_err(map_err("CONFIG", "set"))
     }
 
     pub fn clear_backend(&mut self, id: u32) -> Result<(), DataplaneError> {

@@ -62,6 +62,10 @@ struct NodeArgs {
     /// Source address towards remote backends [default: the first node address].
     #[arg(long, value_name = "IP")]
     snat_addr: Option<Ipv4Addr>,
+    /// Another node's --snat-addr (repeatable): its forwarded requests to local pods and
+    /// their replies bypass netfilter here [default: the other nodes' InternalIPs].
+    #[arg(long = "peer-snat-addr", value_name = "IP")]
+    peer_snat_addrs: Vec<Ipv4Addr>,
     /// XDP attach mode: auto tries native, then generic.
     #[arg(long, value_enum, default_value_t = XdpModeChoice::Auto)]
     xdp_mode: XdpModeChoice,
@@ -95,6 +99,7 @@ impl NodeArgs {
             node_name: self.node_name,
             node_addrs: self.node_addrs,
             snat_addr: self.snat_addr,
+            peer_snat_addrs: self.peer_snat_addrs,
             xdp_mode: self.xdp_mode,
             pin_dir: self.pin_dir,
             max_services: self.max_services,

@@ -91,6 +91,10 @@ pub struct NodeOptions {
     pub node_addrs: Vec<Ipv4Addr>,
     /// None: the first node address.
     pub snat_addr: Option<Ipv4Addr>,
+    /// The other nodes' SNAT addresses, whose forwarded requests to local pods (and the
+    /// replies) bypass netfilter here. Empty: the other nodes' InternalIPs (their agents'
+    /// default SNAT address), following the Node objects.
+    pub peer_snat_addrs: Vec<Ipv4Addr>,
     pub xdp_mode: XdpModeChoice,
     /// None: [`default_pin_dir`] of `node_name`.
     pub pin_dir: Option<PathBuf>,
@@ -315,6 +319,21 @@ fn join(addrs: &[Ipv4Addr]) -> String {
         .join(",")
 }
 
+/// The PEERS keys: the configured peer SNAT addresses, else the other nodes' InternalIPs;
+/// never one of this node's own addresses.
+fn peer_addrs(
+    configured: &[Ipv4Addr],
+    node_ips: &BTreeMap<String, Ipv4Addr>,
+    own: &[Ipv4Addr],
+) -> Vec<Ipv4Addr> {
+    let all: Vec<Ipv4Addr> = if configured.is_empty() {
+        node_ips.values().copied().collect()
+    } else {
+        configured.to_vec()
+    };
+    all.into_iter().filter(|a| !own.contains(a)).collect()
+}
+
 /// The CONFIG value for this node.
 fn node_config(node_addrs: &[Ipv4Addr], snat_addr: Ipv4Addr, snat_ports: PortRange) -> Config {
     let mut addrs = [0u32; MAX_NODE_ADDRS];
@@ -410,6 +429,13 @@ fn expected_maps(opts: &DataplaneOptions) -> Vec<MapShape> {
             Some(opts.affinity_entries),
         ),
         ("STATS", 4, 8, None),
+        (
+            "LOCAL_ENDPOINTS",
+            4,
+            s(size_of::<lb_common::LocalEndpoint>()),
+            None,
+        ),
+        ("PEERS", 4, s(size_of::<lb_common::PeerNode>()), None),
     ]
 }
 
@@ -915,6 +941,8 @@ pub struct NodeRuntime {
     snat_addr: Ipv4Addr,
     snat_ports: PortRange,
     pin_dir: PathBuf,
+    /// `NodeOptions::peer_snat_addrs`.
+    peer_snat_addrs: Vec<Ipv4Addr>,
 }
 
 impl NodeRuntime {
@@ -971,6 +999,9 @@ impl NodeRuntime {
         };
         dp.set_config(&node_config(&node_addrs, snat_addr, opts.snat_ports))
             .map_err(dp_err("writing CONFIG"))?;
+        let own: Vec<Ipv4Addr> = node_addrs.iter().copied().chain([snat_addr]).collect();
+        dp.set_peers(&peer_addrs(&opts.peer_snat_addrs, &node_ips, &own))
+            .map_err(dp_err("writing PEERS"))?;
         let old_backends = if takeover {
             info!(
                 "taking over the maps pinned in {pin_dir:?}: connection state kept, services rewritten"
@@ -1034,6 +1065,7 @@ impl NodeRuntime {
             snat_addr,
             snat_ports: opts.snat_ports,
             pin_dir,
+            peer_snat_addrs: opts.peer_snat_addrs.clone(),
         })
     }
 
@@ -1072,9 +1104,25 @@ impl NodeRuntime {
     ) -> Result<ApplyReport, ReconcileError> {
         self.driver.desired = desired;
         self.driver.node_ips = node_ips;
+        self.sync_peers();
         let res = self.driver.apply(&mut self.dp);
         self.driver.attach_tc(&mut self.dp);
         res
+    }
+
+    /// PEERS after the node addresses changed (only they move it, when no peers are
+    /// configured). A failed write is logged: those peers' flows keep crossing netfilter.
+    fn sync_peers(&mut self) {
+        let own: Vec<Ipv4Addr> = self
+            .node_addrs
+            .iter()
+            .copied()
+            .chain([self.snat_addr])
+            .collect();
+        let peers = peer_addrs(&self.peer_snat_addrs, &self.driver.node_ips, &own);
+        if let Err(e) = self.dp.set_peers(&peers) {
+            warn!("cannot write the peer nodes' SNAT addresses: {e}");
+        }
     }
 
     /// Changes some service ports (None: the port is gone) and applies only those, unless
@@ -1101,6 +1149,9 @@ impl NodeRuntime {
             return Ok(ApplyReport::default());
         }
         self.driver.node_ips = node_ips;
+        if full {
+            self.sync_peers();
+        }
         let res = self
             .driver
             .apply_in(&mut self.dp, (!full).then_some(&changed));

@@ -37,6 +37,9 @@ pub const NODE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 10);
 /// A second address of the same node: NodePort answers on it too.
 pub const NODE_ALT: Ipv4Addr = Ipv4Addr::new(10, 77, 9, 10);
 pub const NODE1: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 11);
+/// Node 1's SNAT address, a peer in [`world`]: its forwarded requests to local pods bypass
+/// netfilter here.
+pub const PEER_SNAT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 151);
 pub const POD_A: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 10);
 pub const POD_B: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 11);
 pub const POD_R: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 10);
@@ -186,6 +189,7 @@ pub fn world() -> Dataplane {
     })
     .expect("load the BPF object (run as root; `cargo xtask test` does)");
     dp.set_config(&node_config()).unwrap();
+    dp.set_peers(&[PEER_SNAT]).unwrap();
 
     let a8080 = local_backend(POD_A, 8080, VETH_A_IFINDEX, VETH_A_MAC, POD_A_MAC);
     let b8080 = local_backend(POD_B, 8080, VETH_B_IFINDEX, VETH_B_MAC, POD_B_MAC);

@@ -874,7 +874,9 @@ impl HttpConn {
 
 /// An nftables table in one namespace with a counter on every hook (priority -300, the
 /// earliest) for the client's traffic to and from `ports`: a packet of such a flow that
-/// touches the namespace's IP stack counts. Accelerated flows must leave it at zero.
+/// touches the namespace's IP stack counts. Accelerated flows must leave it at zero. The
+/// sources may include the agents' SNAT addresses, so the legs a node forwarded to another
+/// node count on the owning node too.
 #[derive(Debug)]
 pub struct NftProbe {
     ns: String,
@@ -885,9 +887,14 @@ pub const NFT_HOOKS: [&str; 5] = ["prerouting", "input", "forward", "output", "p
 const NFT_TABLE: &str = "lbx_bypass_probe";
 
 impl NftProbe {
-    /// Installs the table in `ns`, counting packets from `client` to any of `ports` and from
-    /// those ports back to `client` (TCP and UDP).
-    pub fn install(ns: &str, client: Ipv4Addr, ports: &[u16]) -> Result<Self, ScenarioError> {
+    /// Installs the table in `ns`, counting packets from any of `sources` to any of `ports`
+    /// and from those ports back to `sources` (TCP and UDP).
+    pub fn install(ns: &str, sources: &[Ipv4Addr], ports: &[u16]) -> Result<Self, ScenarioError> {
+        let client = sources
+            .iter()
+            .map(Ipv4Addr::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         let ports = ports
             .iter()
             .map(u16::to_string)
@@ -898,8 +905,8 @@ impl NftProbe {
             script.push_str(&format!(
                 "  chain {hook} {{
     type filter hook {hook} priority -300; policy accept;
-    ip saddr {client} meta l4proto {{ tcp, udp }} th dport {{ {ports} }} counter
-    ip daddr {client} meta l4proto {{ tcp, udp }} th sport {{ {ports} }} counter
+    ip saddr {{ {client} }} meta l4proto {{ tcp, udp }} th dport {{ {ports} }} counter
+    ip daddr {{ {client} }} meta l4proto {{ tcp, udp }} th sport {{ {ports} }} counter
   }}
 "
             ));
@@ -1236,6 +1243,14 @@ impl Lab {
     pub fn node_addr(&self, node: usize) -> Ipv4Addr {
         self.topology().node_addr(node)
     }
+    /// The address node `node`'s agent SNATs to (its `--snat-addr`).
+    pub fn snat_addr(&self, node: usize) -> Ipv4Addr {
+        if self.spec.dedicated_snat {
+            snat_addr_of(node)
+        } else {
+            self.node_addr(node)
+        }
+    }
     pub fn client_addr(&self) -> Ipv4Addr {
         self.topology().client_addr()
     }
@@ -1415,7 +1430,7 @@ impl Lab {
                 }
             };
             #[rustfmt::skip]
-            let node_args: Vec<String> = [
+            let mut node_args: Vec<String> = [
                 "--iface", NIC,
                 "--node-name", &name,
                 "--node-addr", &addr,
@@ -1425,6 +1440,12 @@ impl Lab {
             ]
             .map(String::from)
             .to_vec();
+            // The other agents' SNAT addresses: their forwarded requests to this node's pods
+            // (and the replies) bypass netfilter here.
+            for peer in (0..self.node_count()).filter(|&n| n != node) {
+                node_args.push("--peer-snat-addr".into());
+                node_args.push(self.snat_addr(peer).to_string());
+            }
             let args: Vec<String> = source_args
                 .into_iter()
                 .chain(node_args)
@@ -1654,11 +1675,19 @@ impl Lab {
     }
 
     /// Installs an [`NftProbe`] in node `node`'s namespace counting the client's traffic to
-    /// and from the Service's node ports and target ports.
+    /// and from the Service's node ports and target ports, and the other nodes' forwarded
+    /// legs of it (from and to their SNAT addresses).
     pub fn install_nft_probe(&self, node: usize) -> Result<NftProbe, ScenarioError> {
+        let sources: Vec<Ipv4Addr> = std::iter::once(self.client_addr())
+            .chain(
+                (0..self.node_count())
+                    .filter(|&n| n != node)
+                    .map(|n| self.snat_addr(n)),
+            )
+            .collect();
         NftProbe::install(
             self.topology().node_ns(node),
-            self.client_addr(),
+            &sources,
             &[
                 TCP_NODE_PORT,
                 TCP_TARGET_PORT,

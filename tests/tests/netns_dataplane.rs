@@ -213,25 +213,40 @@ fn client_ip_kept_for_local_pods_and_snat_for_remote_ones() {
     }
 }
 
+/// Service traffic through node 0 touches netfilter on neither node: node 0 DNATs (and
+/// SNATs remote deliveries) in XDP; node 1, owning the remote pods, takes node 0's
+/// forwarded requests straight into the pod and sends the replies straight back (its probe
+/// also counts packets from and to node 0's SNAT address).
 #[test]
 fn accelerated_flows_bypass_netfilter_on_the_node() {
     let lab = start_lab();
     let node0 = lab.node_addr(0);
     let probe = ok("installing the nft probe in n0", lab.install_nft_probe(0));
+    let probe1 = ok("installing the nft probe in n1", lab.install_nft_probe(1));
     let zero: BTreeMap<String, u64> = NFT_HOOKS.iter().map(|h| (h.to_string(), 0)).collect();
     assert_eq!(ok("reading the nft probe", probe.read()), zero);
+    assert_eq!(ok("reading the n1 nft probe", probe1.read()), zero);
 
     // First prove the rules count: the client talks to node 0's pods directly (routed by
     // node 0: prerouting, forward, postrouting) and to a closed port on node 0 itself
     // (input, and output for the RST). This runs before any Service flow, so no reverse-NAT
-    // state exists yet for the client ports it uses.
-    for k in 0..lab.topology().pod_count(0) {
-        let pod = PodId::new(0, k);
-        let addr = ok("pod address", lab.pod_addr(pod));
-        for a in tcp_flows(&lab, addr, TCP_TARGET_PORT, 5) {
-            assert_eq!(a.pod, pod);
-            assert_eq!(a.client_seen, a.local, "direct pod traffic is not NATed");
+    // state exists yet for the client ports it uses. The same for node 1's pods and probe.
+    for node in 0..lab.node_count() {
+        for k in 0..lab.topology().pod_count(node) {
+            let pod = PodId::new(node, k);
+            let addr = ok("pod address", lab.pod_addr(pod));
+            for a in tcp_flows(&lab, addr, TCP_TARGET_PORT, 5) {
+                assert_eq!(a.pod, pod);
+                assert_eq!(a.client_seen, a.local, "direct pod traffic is not NATed");
+            }
         }
+    }
+    let live1 = ok("reading the n1 nft probe", probe1.read());
+    for hook in ["prerouting", "forward", "postrouting"] {
+        assert!(
+            live1[hook] > 0,
+            "n1's {hook} rule counted nothing: {live1:?}"
+        );
     }
     match lab.connect(node0, TCP_TARGET_PORT) {
         Err(ScenarioError::Request { source, .. })
@@ -244,8 +259,10 @@ fn accelerated_flows_bypass_netfilter_on_the_node() {
     }
     eprintln!("nft counters after direct traffic: {live:?}");
 
-    // Now Service traffic through node 0: not one packet may reach netfilter there.
+    // Now Service traffic through node 0: not one packet may reach netfilter there, nor on
+    // node 1 for the flows node 0 forwards to it.
     let before = counters(&lab, 0);
+    let before1 = counters(&lab, 1);
     let tcp = tcp_flows(&lab, node0, TCP_NODE_PORT, FLOWS / 2);
     let udp = udp_flows(&lab, node0, UDP_NODE_PORT, FLOWS / 4);
     let lb = tcp_flows(&lab, LB_INGRESS_IP, TCP_SERVICE_PORT, FLOWS / 4);
@@ -254,6 +271,18 @@ fn accelerated_flows_bypass_netfilter_on_the_node() {
         after_nf, live,
         "netfilter in n0 saw accelerated flows (counters before and after)"
     );
+    let remote = tcp
+        .iter()
+        .chain(&lb)
+        .chain(&udp)
+        .filter(|a| a.pod.node == 1)
+        .count() as u64;
+    assert!(remote >= 20, "only {remote} flows went to n1's pods");
+    assert_eq!(
+        ok("reading the n1 nft probe", probe1.read()),
+        live1,
+        "netfilter in n1 saw flows node 0 forwarded (counters before and after)"
+    );
 
     let local_tcp = tcp.iter().chain(&lb).filter(|a| a.pod.node == 0).count() as u64;
     let local_udp = udp.iter().filter(|a| a.pod.node == 0).count() as u64;
@@ -261,6 +290,26 @@ fn accelerated_flows_bypass_netfilter_on_the_node() {
         local_tcp >= 20,
         "only {local_tcp} TCP flows went to n0's pods"
     );
+    // Node 1 did it in BPF: every forwarded request and reply (3+2 per TCP flow, 1+1 per
+    // UDP query at least).
+    let remote_udp = udp.iter().filter(|a| a.pod.node == 1).count() as u64;
+    let remote_tcp = remote - remote_udp;
+    let after1 = counters(&lab, 1);
+    let fwd_peer = delta(&after1, &before1, "fwd_peer");
+    let reply_peer = delta(&after1, &before1, "reply_peer");
+    eprintln!(
+        "{remote_tcp} remote TCP + {remote_udp} remote UDP flows: n1 fwd_peer +{fwd_peer}, reply_peer +{reply_peer}"
+    );
+    assert!(
+        fwd_peer >= 3 * remote_tcp + remote_udp,
+        "fwd_peer grew by {fwd_peer}"
+    );
+    assert!(
+        reply_peer >= 2 * remote_tcp + remote_udp,
+        "reply_peer grew by {reply_peer}"
+    );
+    assert_no_errors(&lab, 1);
+
     let after = counters(&lab, 0);
     // A TCP flow sends at least SYN, ACK and the request to the pod and gets at least
     // SYN-ACK and the response back; a UDP query is one datagram each way.

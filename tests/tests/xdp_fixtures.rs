@@ -86,6 +86,17 @@ fn rows() -> Vec<Row> {
         .udp(40001, 30080)
         .payload(b"ping");
     let base = tcp_syn(NODE, 30080);
+    // As node 1's XDP program sends them: from its SNAT address and MAC to a pod of ours.
+    let peer_request = Packet::eth(NODE1_MAC, NIC_MAC)
+        .ipv4(PEER_SNAT, POD_A)
+        .ttl(63)
+        .tcp(61234, 8080)
+        .syn();
+    let peer_udp = Packet::eth(NODE1_MAC, NIC_MAC)
+        .ipv4(PEER_SNAT, POD_B)
+        .ttl(63)
+        .udp(61235, 5353)
+        .payload(b"ping");
     vec![
         Row {
             description: "tcp syn to nodeport, local backend: DNAT + redirect into the pod veth",
@@ -253,6 +264,90 @@ fn rows() -> Vec<Row> {
             before: vec![local_request.build()],
             prog: Prog::Tc,
             input: Packet::eth(POD_A_MAC, VETH_A_MAC).ipv4(POD_A, CLIENT).ttl(1).tcp(8080, 40000).ack().build(),
+            expect_verdict: TC_ACT_OK,
+            expect_reason: Reason::PassTtl,
+            expect: None,
+        },
+        // A peer node's remote delivery to one of our pods: no NAT here, MACs and TTL only.
+        Row {
+            description: "peer's SNATed request to a local pod: redirected into the pod veth, addresses kept",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: peer_request.build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::FwdPeer,
+            expect: Some(peer_request.clone().macs(VETH_A_MAC, POD_A_MAC).ttl(62).build()),
+        },
+        Row {
+            description: "peer's SNATed udp request to a local pod: redirected into its veth",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: peer_udp.build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::FwdPeer,
+            expect: Some(peer_udp.clone().macs(VETH_B_MAC, POD_B_MAC).ttl(62).build()),
+        },
+        Row {
+            description: "peer's packet to an address that is no local endpoint: passed",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: Packet::eth(NODE1_MAC, NIC_MAC).ipv4(PEER_SNAT, Ipv4Addr::new(10, 77, 1, 99)).tcp(61234, 8080).syn().build(),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassNonService,
+            expect: None,
+        },
+        Row {
+            description: "a non-peer source to a local pod (node 1's own address): passed",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: Packet::eth(NODE1_MAC, NIC_MAC).ipv4(NODE1, POD_A).tcp(61234, 8080).syn().build(),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassNonService,
+            expect: None,
+        },
+        Row {
+            description: "peer's request with TTL 1: passed so the kernel sends time-exceeded",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: peer_request.clone().ttl(1).build(),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassTtl,
+            expect: None,
+        },
+        Row {
+            description: "TC: pod's reply to a peer's SNAT address: MACs learned from the request, TTL-1, out of the NIC",
+            before: vec![peer_request.build()],
+            prog: Prog::Tc,
+            input: Packet::eth(POD_A_MAC, VETH_A_MAC).ipv4(POD_A, PEER_SNAT).tcp(8080, 61234).syn().ack().payload(b"HTTP/1.1 200 OK").build(),
+            expect_verdict: TC_ACT_REDIRECT,
+            expect_reason: Reason::ReplyPeer,
+            expect: Some(
+                Packet::eth(NIC_MAC, NODE1_MAC).ipv4(POD_A, PEER_SNAT).ttl(63).tcp(8080, 61234).syn().ack().payload(b"HTTP/1.1 200 OK").build(),
+            ),
+        },
+        Row {
+            description: "TC: pod's udp reply to a peer's SNAT address: out of the NIC",
+            before: vec![peer_udp.build()],
+            prog: Prog::Tc,
+            input: Packet::eth(POD_B_MAC, VETH_B_MAC).ipv4(POD_B, PEER_SNAT).udp(5353, 61235).payload(b"pong").build(),
+            expect_verdict: TC_ACT_REDIRECT,
+            expect_reason: Reason::ReplyPeer,
+            expect: Some(Packet::eth(NIC_MAC, NODE1_MAC).ipv4(POD_B, PEER_SNAT).ttl(63).udp(5353, 61235).payload(b"pong").build()),
+        },
+        Row {
+            description: "TC: reply to a peer no request came from yet: passed (the kernel routes it)",
+            before: vec![],
+            prog: Prog::Tc,
+            input: Packet::eth(POD_A_MAC, VETH_A_MAC).ipv4(POD_A, PEER_SNAT).tcp(8080, 61234).syn().ack().build(),
+            expect_verdict: TC_ACT_OK,
+            expect_reason: Reason::PassNotReply,
+            expect: None,
+        },
+        Row {
+            description: "TC: reply to a peer with TTL 1: left to the kernel",
+            before: vec![peer_request.build()],
+            prog: Prog::Tc,
+            input: Packet::eth(POD_A_MAC, VETH_A_MAC).ipv4(POD_A, PEER_SNAT).ttl(1).tcp(8080, 61234).ack().build(),
             expect_verdict: TC_ACT_OK,
             expect_reason: Reason::PassTtl,
             expect: None,
@@ -1133,4 +1228,78 @@ fn a_reused_client_tuple_keeps_getting_snat_ports() {
         assert_eq!(dp.test_run_xdp(&rst).unwrap().0, XDP_REDIRECT);
     }
     assert_eq!(stat(&dp, Reason::PassSnatExhausted), before);
+}
+
+/// LOCAL_ENDPOINTS follows the local backends: one entry per pod however many backend ids
+/// (Service ports) point at it, gone with the last one; the peer entry learns how the
+/// peer's requests arrive; without peers the path is off.
+#[test]
+fn peer_path_follows_local_backends_and_peers() {
+    require_root();
+    let mut dp = world();
+    let eps: std::collections::BTreeMap<Ipv4Addr, lb_common::LocalEndpoint> = dp
+        .local_endpoints()
+        .unwrap()
+        .into_iter()
+        .map(|(a, ep)| (Ipv4Addr::from(a.to_ne_bytes()), ep))
+        .collect();
+    assert_eq!(
+        eps.keys().copied().collect::<Vec<_>>(),
+        vec![POD_A, POD_B, POD_R],
+        "the fixture's local backends' pods (remote POD_R:8080 is local as POD_R:9090)"
+    );
+    assert_eq!(
+        eps[&POD_A],
+        lb_common::LocalEndpoint {
+            ifindex: VETH_A_IFINDEX,
+            mac: POD_A_MAC,
+            node_mac: VETH_A_MAC,
+        }
+    );
+    let to = |pod: Ipv4Addr| {
+        Packet::eth(NODE1_MAC, NIC_MAC)
+            .ipv4(PEER_SNAT, pod)
+            .tcp(61300, 8080)
+            .syn()
+            .build()
+    };
+
+    // The first forwarded request teaches the peer entry.
+    assert_eq!(
+        dp.peers().unwrap(),
+        vec![(addr(PEER_SNAT)[0], Default::default())]
+    );
+    let (v, _) = dp.test_run_xdp(&to(POD_A)).unwrap();
+    assert_eq!(v, XDP_REDIRECT);
+    let (_, learned) = dp.peers().unwrap()[0];
+    assert_ne!(learned.ifindex, 0, "the peer's interface was not learned");
+    assert_eq!((learned.mac, learned.node_mac), (NODE1_MAC, NIC_MAC));
+
+    // POD_A is behind two backend ids: clearing one keeps it, clearing both removes it.
+    dp.clear_backend(BE_A_9090).unwrap();
+    assert_eq!(dp.test_run_xdp(&to(POD_A)).unwrap().0, XDP_REDIRECT);
+    dp.clear_backend(BE_A_8080).unwrap();
+    assert!(dp
+        .local_endpoints()
+        .unwrap()
+        .iter()
+        .all(|(a, _)| *a != addr(POD_A)[0]));
+    assert_eq!(dp.test_run_xdp(&to(POD_A)).unwrap().0, XDP_PASS);
+    // An id that moves from a local pod to a remote one takes the pod's entry with it.
+    dp.set_backend(BE_R_9090, &remote_backend(POD_R, 9090))
+        .unwrap();
+    assert_eq!(dp.test_run_xdp(&to(POD_R)).unwrap().0, XDP_PASS);
+
+    // No peers: the programs skip PEERS altogether, POD_B's peer traffic goes to the kernel.
+    assert_eq!(dp.test_run_xdp(&to(POD_B)).unwrap().0, XDP_REDIRECT);
+    dp.set_peers(&[]).unwrap();
+    assert_eq!(dp.config().unwrap().flags & lb_common::CFG_PEERS, 0);
+    assert!(dp.peers().unwrap().is_empty());
+    let before = stat(&dp, Reason::PassNonService);
+    assert_eq!(dp.test_run_xdp(&to(POD_B)).unwrap().0, XDP_PASS);
+    assert_eq!(stat(&dp, Reason::PassNonService), before + 1);
+    // And back on.
+    dp.set_peers(&[PEER_SNAT]).unwrap();
+    assert_ne!(dp.config().unwrap().flags & lb_common::CFG_PEERS, 0);
+    assert_eq!(dp.test_run_xdp(&to(POD_B)).unwrap().0, XDP_REDIRECT);
 }

@@ -171,9 +171,12 @@ struct CompareArgs {
     /// Seconds of measured load per path and kind of load.
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
-    /// Seconds of measured new-connection load per path and sweep size.
+    /// Seconds of measured new-connection load per path, sweep size and round.
     #[arg(long, default_value_t = 3.0)]
     sweep_duration: f64,
+    /// Rounds per sweep size (the paths take turns in each; the point is the median).
+    #[arg(long, default_value_t = 3)]
+    sweep_rounds: usize,
     /// Seconds of unrecorded load before each measurement.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
@@ -323,6 +326,28 @@ fn enable_bpf_stats() -> std::io::Result<OwnedFd> {
     }
     // SAFETY: the kernel returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A load starts when the machine was at most this busy (fraction of all cores) over the
+/// last [`QUIET_WINDOW`]...
+const QUIET_BUSY: f64 = 0.5;
+const QUIET_WINDOW: Duration = Duration::from_millis(500);
+/// ... or after this long regardless (the note in the report says how long each waited).
+const QUIET_MAX: Duration = Duration::from_secs(15);
+
+/// Waits until the machine is quiet (see [`QUIET_BUSY`]): the kube-proxies and agents are
+/// done with what the last change made them do. Returns how long it waited.
+fn wait_quiet() -> Result<Duration> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let started = Instant::now();
+    loop {
+        let b0 = cpu_busy_s()?;
+        sleep(QUIET_WINDOW)?;
+        let busy = (cpu_busy_s()? - b0) / QUIET_WINDOW.as_secs_f64() / cores;
+        if busy <= QUIET_BUSY || started.elapsed() >= QUIET_MAX {
+            return Ok(started.elapsed());
+        }
+    }
 }
 
 /// Busy CPU time of the whole machine (user, nice, system, irq, softirq, steal) in seconds.
@@ -1079,11 +1104,16 @@ impl Cluster {
         r.hops = local.max(remote).unwrap_or(0);
 
         let source = path_source(path);
+        // The path's client address and the agents' SNAT addresses: a remote xdp delivery
+        // reaches the owning node from the latter, and counts there if netfilter sees it.
+        let probe_sources: Vec<Ipv4Addr> = std::iter::once(source)
+            .chain((0..self.lab.node_count()).map(|n| self.lab.snat_addr(n)))
+            .collect();
         let probes: Vec<NftProbe> = (0..self.lab.node_count())
             .map(|n| {
                 NftProbe::install(
                     self.lab.topology().node_ns(n),
-                    source,
+                    &probe_sources,
                     &[TCP_NODE_PORT, TCP_TARGET_PORT],
                 )
             })
@@ -1102,6 +1132,7 @@ impl Cluster {
             "{path}: keep-alive load ({} connections, {}s)",
             c.connections, c.duration
         ));
+        wait_quiet()?;
         let reasons0 = self.xdp_reasons()?;
         let cpu0 = cpu_busy_s()?;
         let ka = self.load(spec(Mode::KeepAlive, c.duration))?;
@@ -1116,6 +1147,7 @@ impl Cluster {
         let ct_sources: Vec<Ipv4Addr> = std::iter::once(source)
             .chain((0..self.lab.node_count()).map(scenario::snat_addr_of))
             .collect();
+        wait_quiet()?;
         let ct0 = self.conntrack_count(&ct_sources)?;
         let (rules, nf0) = self.nf_stats()?;
         let (bpf_ns0, _) = self.bpf_run_time()?;
@@ -1216,44 +1248,70 @@ impl Cluster {
         Ok(r)
     }
 
-    /// One sweep point: new-connection load on every path.
+    /// One sweep point: new-connection load on every path, `--sweep-rounds` times. The paths
+    /// take turns within a round, each round starting one path later (xdp, instance, ip;
+    /// then instance, ip, xdp; ...), so a slow stretch of the machine (a kube-proxy resync,
+    /// the agents applying) does not land on one path every time; the point is each path's
+    /// median round. Every load starts once the machine is quiet ([`wait_quiet`]).
     fn sweep_point(
         &self,
         services: usize,
         c: &CompareArgs,
         progress: &Progress,
     ) -> Result<Vec<SweepPoint>> {
-        let mut out = Vec::new();
-        for path in ["xdp", "instance", "ip"] {
-            match path {
-                "xdp" => self.set_accelerated(true)?,
-                "instance" => self.set_accelerated(false)?,
-                _ => {}
-            }
-            let reasons0 = self.xdp_reasons()?;
-            let res = self.load(LoadSpec {
-                source: Some(path_source(path)),
-                targets: self.targets_of(path)?,
-                mode: Mode::NewConnection,
-                connections: c.connections,
-                warmup: Duration::from_secs_f64(c.warmup.min(0.5)),
-                duration: Duration::from_secs_f64(c.sweep_duration),
-                timeout: Duration::from_secs(2),
-            })?;
-            progress.step(format!(
-                "sweep {services} Services, {path}: {:.0} conn/s, p99 {:.0}us, {} errors",
-                res.rps(),
-                res.percentile_us(99.0),
-                res.errors
-            ));
-            out.push(SweepPoint {
+        const ORDER: [&str; 3] = ["xdp", "instance", "ip"];
+        let mut out: Vec<SweepPoint> = ORDER
+            .iter()
+            .map(|p| SweepPoint {
                 services,
-                path: path.into(),
-                new_conn_rps: res.rps(),
-                p99_us: res.percentile_us(99.0),
-                errors: res.errors,
-                xdp_reasons: reason_delta(&reasons0, self.xdp_reasons()?),
-            });
+                path: (*p).into(),
+                ..SweepPoint::default()
+            })
+            .collect();
+        let mut accelerated = None;
+        for round in 0..c.sweep_rounds {
+            for k in 0..ORDER.len() {
+                let i = (round + k) % ORDER.len();
+                let path = ORDER[i];
+                let want = path != "instance";
+                // ip mode does not care; leave the Service as it is.
+                if path != "ip" && accelerated != Some(want) {
+                    self.set_accelerated(want)?;
+                    accelerated = Some(want);
+                }
+                let waited = wait_quiet()?;
+                let reasons0 = self.xdp_reasons()?;
+                let res = self.load(LoadSpec {
+                    source: Some(path_source(path)),
+                    targets: self.targets_of(path)?,
+                    mode: Mode::NewConnection,
+                    connections: c.connections,
+                    warmup: Duration::from_secs_f64(c.warmup.min(0.5)),
+                    duration: Duration::from_secs_f64(c.sweep_duration),
+                    timeout: Duration::from_secs(2),
+                })?;
+                progress.step(format!(
+                    "sweep {services} Services, round {}/{}, {path}: {:.0} conn/s, p99 {:.0}us, \
+                     {} errors (after {:.1}s waiting for a quiet machine)",
+                    round + 1,
+                    c.sweep_rounds,
+                    res.rps(),
+                    res.percentile_us(99.0),
+                    res.errors,
+                    waited.as_secs_f64()
+                ));
+                let point = &mut out[i];
+                point.rounds_rps.push(res.rps());
+                point.rounds_p99_us.push(res.percentile_us(99.0));
+                point.errors += res.errors;
+                for (k, v) in reason_delta(&reasons0, self.xdp_reasons()?) {
+                    *point.xdp_reasons.entry(k).or_default() += v;
+                }
+            }
+        }
+        for point in &mut out {
+            point.new_conn_rps = labreport::median(&point.rounds_rps);
+            point.p99_us = labreport::median(&point.rounds_p99_us);
         }
         self.set_accelerated(true)?;
         Ok(out)
@@ -1355,6 +1413,7 @@ fn compare(c: CompareArgs) -> Result<()> {
         "durations must be positive"
     );
     ensure!(c.connections >= 1, "--connections must be at least 1");
+    ensure!(c.sweep_rounds >= 1, "--sweep-rounds must be at least 1");
     let progress = Progress::new();
     let mut sweep: Vec<usize> = c.sweep.clone();
     sweep.sort_unstable();
@@ -1433,6 +1492,15 @@ fn run_compare(
          cpu-clock counts idle time."
             .into(),
     );
+    notes.push(format!(
+        "Sweep: {} rounds per size, the paths taking turns (each round starts one path \
+         later); a point is the path's median round (every round in rounds_rps). Every load \
+         starts once the machine was at most {:.0}% busy for {} ms (at most {} s of waiting).",
+        c.sweep_rounds,
+        QUIET_BUSY * 100.0,
+        QUIET_WINDOW.as_millis(),
+        QUIET_MAX.as_secs()
+    ));
     notes.push(
         "bpf_ns_per_req: run_time_ns of lbx's programs in the node namespaces \
          (BPF_ENABLE_STATS) during the one-connection-per-request load, per request; \

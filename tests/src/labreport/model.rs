@@ -153,6 +153,28 @@ pub struct SweepPoint {
     /// [`PathResult::xdp_reasons`]).
     #[serde(default)]
     pub xdp_reasons: BTreeMap<String, u64>,
+    /// Every round's new connections/s, in round order (`new_conn_rps` is their median;
+    /// the paths take turns within a round, see `lbx-lab --sweep-rounds`).
+    #[serde(default)]
+    pub rounds_rps: Vec<f64>,
+    /// Every round's p99 (`p99_us` is their median).
+    #[serde(default)]
+    pub rounds_p99_us: Vec<f64>,
+}
+
+/// The median of `v` (the mean of the middle two for an even count); 0 for none.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if s.is_empty() {
+        return 0.0;
+    }
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
 }
 
 /// One target of the issue, checked on this run.
