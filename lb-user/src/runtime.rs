@@ -1202,6 +1202,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn peers_are_the_configured_snat_addresses_else_the_other_nodes() {
+        let ip = |d| Ipv4Addr::new(10, 77, 0, d);
+        let nodes: BTreeMap<String, Ipv4Addr> =
+            [("n1".to_string(), ip(11)), ("n2".to_string(), ip(12))].into();
+        let own = [ip(10), ip(150)];
+        assert_eq!(peer_addrs(&[], &nodes, &own), vec![ip(11), ip(12)]);
+        assert_eq!(
+            peer_addrs(&[ip(151), ip(150), ip(152)], &nodes, &own),
+            vec![ip(151), ip(152)],
+            "configured peers win, our own SNAT address is never a peer"
+        );
+        assert!(peer_addrs(&[], &BTreeMap::new(), &own).is_empty());
+    }
+
+    #[test]
     fn port_range_parses_and_rejects() {
         assert_eq!(
             "61000-65535".parse(),
