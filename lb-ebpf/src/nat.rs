@@ -141,20 +141,8 @@ pub fn rev_nat_tc(ctx: &mut TcContext, p: &Parsed, r: &Rewrite, cfg_flags: u32) 
         .map_err(e)?;
     ctx.l3_csum_replace(ip_csum_off, p.saddr as u64, r.saddr as u64, 4)
         .map_err(e)?;
-    if cfg_flags & CFG_DEC_TTL != 0 {
-        let new_ttl = p.ttl - 1;
-        ctx.l3_csum_replace(
-            ip_csum_off,
-            ttl_word(p.ttl, p.proto) as u64,
-            ttl_word(new_ttl, p.proto) as u64,
-            2,
-        )
-        .map_err(e)?;
-        ctx.store(p.l3_off + IP_TTL_OFF, &new_ttl, 0).map_err(e)?;
-    }
     ctx.store(p.l3_off + IP_SADDR_OFF, &r.saddr, 0).map_err(e)?;
     ctx.store(p.l4_off, &r.sport, 0).map_err(e)?;
-    ctx.store(0, &r.dmac, 0).map_err(e)?;
-    ctx.store(ETH_SRC_OFF, &r.smac, 0).map_err(e)?;
-    Ok(())
+    // The router's part (TTL, MACs) is the same as for a forwarded reply.
+    forward_tc(ctx, p, &r.dmac, &r.smac, cfg_flags)
 }

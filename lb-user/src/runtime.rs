@@ -320,18 +320,21 @@ fn join(addrs: &[Ipv4Addr]) -> String {
 }
 
 /// The PEERS keys: the configured peer SNAT addresses, else the other nodes' InternalIPs;
-/// never one of this node's own addresses.
+/// never one of this node's own addresses or its SNAT address.
 fn peer_addrs(
     configured: &[Ipv4Addr],
     node_ips: &BTreeMap<String, Ipv4Addr>,
-    own: &[Ipv4Addr],
+    node_addrs: &[Ipv4Addr],
+    snat_addr: Ipv4Addr,
 ) -> Vec<Ipv4Addr> {
     let all: Vec<Ipv4Addr> = if configured.is_empty() {
         node_ips.values().copied().collect()
     } else {
         configured.to_vec()
     };
-    all.into_iter().filter(|a| !own.contains(a)).collect()
+    all.into_iter()
+        .filter(|a| *a != snat_addr && !node_addrs.contains(a))
+        .collect()
 }
 
 /// The CONFIG value for this node.
@@ -999,9 +1002,13 @@ impl NodeRuntime {
         };
         dp.set_config(&node_config(&node_addrs, snat_addr, opts.snat_ports))
             .map_err(dp_err("writing CONFIG"))?;
-        let own: Vec<Ipv4Addr> = node_addrs.iter().copied().chain([snat_addr]).collect();
-        dp.set_peers(&peer_addrs(&opts.peer_snat_addrs, &node_ips, &own))
-            .map_err(dp_err("writing PEERS"))?;
+        dp.set_peers(&peer_addrs(
+            &opts.peer_snat_addrs,
+            &node_ips,
+            &node_addrs,
+            snat_addr,
+        ))
+        .map_err(dp_err("writing PEERS"))?;
         let old_backends = if takeover {
             info!(
                 "taking over the maps pinned in {pin_dir:?}: connection state kept, services rewritten"
@@ -1113,13 +1120,12 @@ impl NodeRuntime {
     /// PEERS after the node addresses changed (only they move it, when no peers are
     /// configured). A failed write is logged: those peers' flows keep crossing netfilter.
     fn sync_peers(&mut self) {
-        let own: Vec<Ipv4Addr> = self
-            .node_addrs
-            .iter()
-            .copied()
-            .chain([self.snat_addr])
-            .collect();
-        let peers = peer_addrs(&self.peer_snat_addrs, &self.driver.node_ips, &own);
+        let peers = peer_addrs(
+            &self.peer_snat_addrs,
+            &self.driver.node_ips,
+            &self.node_addrs,
+            self.snat_addr,
+        );
         if let Err(e) = self.dp.set_peers(&peers) {
             warn!("cannot write the peer nodes' SNAT addresses: {e}");
         }
@@ -1206,14 +1212,14 @@ mod tests {
         let ip = |d| Ipv4Addr::new(10, 77, 0, d);
         let nodes: BTreeMap<String, Ipv4Addr> =
             [("n1".to_string(), ip(11)), ("n2".to_string(), ip(12))].into();
-        let own = [ip(10), ip(150)];
-        assert_eq!(peer_addrs(&[], &nodes, &own), vec![ip(11), ip(12)]);
+        let (own, snat) = ([ip(10)], ip(150));
+        assert_eq!(peer_addrs(&[], &nodes, &own, snat), vec![ip(11), ip(12)]);
         assert_eq!(
-            peer_addrs(&[ip(151), ip(150), ip(152)], &nodes, &own),
+            peer_addrs(&[ip(151), ip(150), ip(152)], &nodes, &own, snat),
             vec![ip(151), ip(152)],
             "configured peers win, our own SNAT address is never a peer"
         );
-        assert!(peer_addrs(&[], &BTreeMap::new(), &own).is_empty());
+        assert!(peer_addrs(&[], &BTreeMap::new(), &own, snat).is_empty());
     }
 
     #[test]

@@ -217,10 +217,11 @@ impl AgentState {
     /// removal of ports it no longer has); true when anything was queued.
     pub fn update_service(&mut self, stores: &Stores, key: &ServiceKey) -> bool {
         // remove_entry gives back the key the slices' owner records share.
-        let (k, mut old) = self
-            .services
-            .remove_entry(&Key::of(key))
-            .unwrap_or_else(|| (Key::of(key), ServiceEntry::default()));
+        let k = Key::of(key);
+        let (k, mut old) = match self.services.remove_entry(&k) {
+            Some(existing) => existing,
+            None => (k, ServiceEntry::default()),
+        };
         let svc = stores
             .services
             .get(&ObjectRef::<Service>::new(&key.1).within(&key.0));
