@@ -131,7 +131,7 @@ pub enum LoadError {
     NoConnections,
     #[error("{field} is zero: give it a positive duration")]
     ZeroDuration { field: &'static str },
-    #[error("HopProbe::{field} is 0: probe at least one TTL with at least one try")]
+    #[error("HopProbe::{field} is 0: probe at least one TTL, with at least one round of one try, for at least one pod")]
     EmptyProbe { field: &'static str },
     #[error("could not start client thread {index}: {source}; lower the connection count or raise the thread limit")]
     Spawn {
@@ -217,9 +217,15 @@ pub struct HopProbe {
     pub target: SocketAddrV4,
     /// TTLs 1..=max_ttl are tried.
     pub max_ttl: u8,
-    /// Connections per TTL: the load balancer may pick a different pod per connection, and
-    /// pods can sit at different distances, so one try per TTL could miss the nearest pod.
+    /// Parallel connections per round.
     pub tries: usize,
+    /// Rounds per TTL while some expected pod has not answered yet. The load balancer picks a
+    /// pod per connection, so a TTL's connections can miss a pod that TTL would reach; the pod
+    /// would then be counted one hop too far. A pod picked with share s is missed at its
+    /// smallest TTL with probability (1 - s)^(tries * rounds).
+    pub rounds: usize,
+    /// Pods that stand behind `target`: the probe ends once this many have answered.
+    pub pods: usize,
     /// Per connect and per request I/O.
     pub timeout: Duration,
     /// The client address to connect from; None lets the kernel choose.
@@ -231,14 +237,19 @@ pub struct HopProbe {
 ///
 /// The TTL is set on the socket before connect, so every packet of the connection carries
 /// it. A connection whose packets die in transit times out or gets an ICMP error: either
-/// means "not reached at this TTL". Every TTL in 1..=max_ttl is probed with `tries`
-/// parallel connections; [`LoadError::NoHopAnswer`] when no pod ever answered.
+/// means "not reached at this TTL". Each TTL in 1..=max_ttl gets `rounds` rounds of `tries`
+/// parallel connections until `pods` pods have answered; [`LoadError::NoHopAnswer`] when no
+/// pod ever answered.
 pub fn probe_hops(p: &HopProbe) -> Result<BTreeMap<String, u8>, LoadError> {
-    if p.max_ttl == 0 {
-        return Err(LoadError::EmptyProbe { field: "max_ttl" });
-    }
-    if p.tries == 0 {
-        return Err(LoadError::EmptyProbe { field: "tries" });
+    for (field, n) in [
+        ("max_ttl", usize::from(p.max_ttl)),
+        ("tries", p.tries),
+        ("rounds", p.rounds),
+        ("pods", p.pods),
+    ] {
+        if n == 0 {
+            return Err(LoadError::EmptyProbe { field });
+        }
     }
     if p.timeout.is_zero() {
         return Err(LoadError::ZeroDuration {
@@ -248,19 +259,24 @@ pub fn probe_hops(p: &HopProbe) -> Result<BTreeMap<String, u8>, LoadError> {
     let mut hops = BTreeMap::new();
     let mut first_errors = Vec::new();
     let no_stop = AtomicBool::new(false);
-    for ttl in 1..=p.max_ttl {
-        let answers = run_threads(p.tries, "hop-probe", &no_stop, |_| {
-            let stream = connect(p.target, p.source, Some(ttl), p.timeout)
-                .map_err(|e| format!("connect to {}: {}", p.target, io_msg(&e, p.timeout)))?;
-            Ok::<_, String>(Conn::new(stream, p.target, p.timeout)?.request(true)?.pod)
-        })?;
-        for answer in answers {
-            match answer {
-                // TTLs ascend: the first TTL that reached a pod is its smallest.
-                Ok(pod) => {
-                    hops.entry(pod).or_insert(ttl);
+    'ttls: for ttl in 1..=p.max_ttl {
+        for _ in 0..p.rounds {
+            if hops.len() >= p.pods {
+                break 'ttls;
+            }
+            let answers = run_threads(p.tries, "hop-probe", &no_stop, |_| {
+                let stream = connect(p.target, p.source, Some(ttl), p.timeout)
+                    .map_err(|e| format!("connect to {}: {}", p.target, io_msg(&e, p.timeout)))?;
+                Ok::<_, String>(Conn::new(stream, p.target, p.timeout)?.request(true)?.pod)
+            })?;
+            for answer in answers {
+                match answer {
+                    // TTLs ascend: the first TTL that reached a pod is its smallest.
+                    Ok(pod) => {
+                        hops.entry(pod).or_insert(ttl);
+                    }
+                    Err(e) => note_error(&mut first_errors, format!("ttl {ttl}: {e}")),
                 }
-                Err(e) => note_error(&mut first_errors, format!("ttl {ttl}: {e}")),
             }
         }
     }
@@ -685,6 +701,8 @@ mod tests {
     struct TestPod {
         addr: SocketAddrV4,
         stop: Arc<AtomicBool>,
+        /// Connections accepted (the wake-up connection of Drop not counted).
+        accepted: Arc<AtomicUsize>,
         accept: Option<thread::JoinHandle<()>>,
     }
 
@@ -693,13 +711,15 @@ mod tests {
             let listener = TcpListener::bind((LOCALHOST, 0)).expect("bind 127.0.0.1:0");
             let addr = v4(listener.local_addr().unwrap());
             let stop = Arc::new(AtomicBool::new(false));
-            let (flag, name) = (stop.clone(), name.to_string());
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let (flag, count, name) = (stop.clone(), accepted.clone(), name.to_string());
             let accept = thread::spawn(move || {
                 for conn in listener.incoming() {
                     if flag.load(Ordering::SeqCst) {
                         break;
                     }
                     if let Ok(stream) = conn {
+                        count.fetch_add(1, Ordering::SeqCst);
                         let name = name.clone();
                         thread::spawn(move || serve(stream, &name));
                     }
@@ -708,6 +728,7 @@ mod tests {
             TestPod {
                 addr,
                 stop,
+                accepted,
                 accept: Some(accept),
             }
         }
@@ -950,15 +971,24 @@ mod tests {
     #[test]
     fn loopback_is_reached_with_ttl_one() {
         let pod = TestPod::start("pod-a");
-        let probe = HopProbe {
+        let mut probe = HopProbe {
             source: None,
             target: pod.addr,
             max_ttl: 3,
             tries: 2,
+            rounds: 3,
+            pods: 1,
             timeout: Duration::from_secs(1),
         };
         let hops = probe_hops(&probe).unwrap();
         assert_eq!(hops, BTreeMap::from([("pod-a".to_string(), 1)]));
+        // The one expected pod answered in the first round: nothing more was sent.
+        assert_eq!(pod.accepted.load(Ordering::SeqCst), 2);
+
+        // Expecting a second pod that never answers: every round of every TTL runs.
+        probe.pods = 2;
+        assert_eq!(probe_hops(&probe).unwrap(), hops);
+        assert_eq!(pod.accepted.load(Ordering::SeqCst), 2 + 2 * 3 * 3);
     }
 
     #[test]
@@ -977,6 +1007,8 @@ mod tests {
             target: dead,
             max_ttl: 2,
             tries: 1,
+            rounds: 1,
+            pods: 1,
             timeout: Duration::from_millis(500),
         };
         match probe_hops(&probe) {
@@ -986,10 +1018,17 @@ mod tests {
             }
             other => panic!("expected NoHopAnswer, got {other:?}"),
         }
-        probe.tries = 0;
-        assert!(matches!(
-            probe_hops(&probe),
-            Err(LoadError::EmptyProbe { field: "tries" })
-        ));
+        for field in ["tries", "rounds", "pods"] {
+            let mut empty = probe.clone();
+            match field {
+                "tries" => empty.tries = 0,
+                "rounds" => empty.rounds = 0,
+                _ => empty.pods = 0,
+            }
+            assert!(
+                matches!(probe_hops(&empty), Err(LoadError::EmptyProbe { field: f }) if f == field),
+                "{field}"
+            );
+        }
     }
 }

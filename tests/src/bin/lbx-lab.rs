@@ -1017,11 +1017,18 @@ impl Cluster {
         let mut local: Option<u32> = None;
         let mut remote: Option<u32> = None;
         for target in self.targets_of(path)? {
+            // A pod target is one pod; a node target reaches every replica (Cluster policy).
+            let pods = if path == "ip" { 1 } else { self.replicas.len() };
             let probe = HopProbe {
                 source: Some(path_source(path)),
                 target,
                 max_ttl: 6,
-                tries: 4 * self.replicas.len(),
+                tries: 4 * pods,
+                // A pod with a 1/3 share is missed at its TTL with (2/3)^48 < 1e-8; with one
+                // round per TTL it was (2/3)^12 = 0.8%, and a CI run failed on it (a local
+                // pod counted 2 hops away).
+                rounds: 4,
+                pods,
                 timeout: Duration::from_millis(400),
             };
             let found = self.lab.in_client(|| loadgen::probe_hops(&probe))??;
