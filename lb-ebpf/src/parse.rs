@@ -130,6 +130,7 @@ const IP_MF_OFFSET: u16 = u16::from_ne_bytes(0x3fffu16.to_be_bytes());
 pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
+pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// Offsets of a TCP/UDP checksum inside its header.
 pub const TCP_CSUM_OFF: usize = 16;
@@ -152,6 +153,14 @@ impl Parsed {
     #[inline(always)]
     pub fn is_syn(&self) -> bool {
         self.proto == PROTO_TCP && self.tcp_flags & TCP_FLAG_SYN != 0
+    }
+
+    /// May this packet start a flow? UDP: any packet. TCP: a SYN without ACK, the first
+    /// packet of a connection; anything else without state belongs to a connection that
+    /// began elsewhere (the kernel took its SYN, or it predates lbx).
+    #[inline(always)]
+    pub fn opens_flow(&self) -> bool {
+        self.proto != PROTO_TCP || self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
     }
 
     /// TCP FIN or RST: the connection is closing.

@@ -674,8 +674,9 @@ impl Dataplane {
         self.hash_insert("CONNTRACK", key, entry)
     }
 
-    /// Forgets every flow: conntrack, reverse NAT and affinity entries (`conntrack flush`).
-    /// Established connections are then treated as new ones.
+    /// Forgets every flow: conntrack, reverse NAT and affinity entries (for benchmarks and
+    /// tests). Established TCP connections are then the kernel's (`pass_mid_stream`); UDP
+    /// flows are new ones.
     pub fn flush_flows(&mut self) -> Result<usize, DataplaneError> {
         let flows = self.hash_clear::<CtKey, CtEntry>("CONNTRACK")?;
         self.hash_clear::<CtKey, RevNatEntry>("REVNAT")?;

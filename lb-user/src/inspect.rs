@@ -820,7 +820,8 @@ pub struct Probe {
     pub to: SocketAddrV4,
     /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
-    /// A TCP SYN (opens a connection): reselects when the tracked backend is terminating.
+    /// A TCP SYN (opens a connection): only a SYN starts a TCP flow, and a SYN reselects
+    /// when the tracked backend is terminating.
     pub syn: bool,
 }
 
@@ -1128,7 +1129,16 @@ pub fn explain(
         },
     }
 
-    // 4. select_backend: affinity, else the Maglev ring.
+    // 4. select_backend: affinity, else the Maglev ring. TCP flows start only at a SYN.
+    if chosen.is_none() && probe.proto == PROTO_TCP && !probe.syn {
+        t.step(
+            "select_backend",
+            "TCP without SYN and no usable flow entry: the connection is the kernel's \
+             (kube-proxy's); lbx starts TCP flows only at a SYN (add --syn to see where a new \
+             connection goes)",
+        );
+        return Ok(pass(t, Reason::PassMidStream));
+    }
     if chosen.is_none() {
         if fe.backend_count == 0 {
             t.step(
@@ -1588,6 +1598,27 @@ mod tests {
         let stale = explain(&s, &Probe { syn: false, ..p }, 0).unwrap();
         assert!(!stale.established);
         assert!(stale.steps.iter().any(|s| s.outcome.contains("stale")));
+        // Mid-stream without a usable entry: the kernel's connection, not a new flow.
+        assert_eq!(stale.reason, Reason::PassMidStream);
+        assert_eq!(stale.action, "XDP_PASS");
+        assert!(stale.backend.is_none());
+    }
+
+    #[test]
+    fn explain_tcp_without_syn_and_without_flow_is_the_kernels() {
+        let s = snapshot();
+        let p = probe("10.0.0.9:40000", "192.168.1.10:30080");
+        let e = explain(&s, &Probe { syn: false, ..p }, 0).unwrap();
+        assert_eq!((e.reason, e.action), (Reason::PassMidStream, "XDP_PASS"));
+        assert!(e.steps.last().unwrap().outcome.contains("--syn"), "{e:?}");
+        // The same tuple as a SYN is a new flow; UDP needs no SYN.
+        assert!(explain(&s, &p, 0).unwrap().backend.is_some());
+        let udp = Probe {
+            syn: false,
+            proto: PROTO_UDP,
+            ..probe("10.0.0.9:40000", "192.168.1.10:30053")
+        };
+        assert_ne!(explain(&s, &udp, 0).unwrap().reason, Reason::PassMidStream);
     }
 
     #[test]

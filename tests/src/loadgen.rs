@@ -1002,7 +1002,7 @@ mod tests {
     #[test]
     fn probe_without_answer_is_an_error() {
         let dead = dead_port();
-        let mut probe = HopProbe {
+        let probe = HopProbe {
             source: None,
             target: dead,
             max_ttl: 2,

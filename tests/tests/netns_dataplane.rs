@@ -491,6 +491,96 @@ fn established_flows_survive_backend_changes_and_terminating_pods() {
     assert_no_errors(&lab, 0);
 }
 
+/// A connection the kernel carries (here a kube-proxy-like DNAT + masquerade rule in node
+/// 0's netfilter, while lbx has no backend for the Service) keeps working when lbx takes the
+/// Service over: lbx starts TCP flows only at a SYN, so the connection's next packets stay
+/// with the kernel (`pass_mid_stream`) while new connections take the XDP path. Before, XDP
+/// balanced the middle of that connection to a pod that knew no such connection.
+#[test]
+fn connections_the_kernel_carries_stay_with_it_when_lbx_takes_over() {
+    let lab = start_lab();
+    let node0 = lab.node_addr(0);
+    let ns = lab.topology().node_ns(0).to_string();
+    let pod = PodId::new(0, 0);
+    let pod_ip = ok("pod address", lab.pod_addr(pod));
+    let (port, target) = (TCP_NODE_PORT, TCP_TARGET_PORT);
+    for rule in [
+        format!("-t nat -A PREROUTING -p tcp -d {node0} --dport {port} -j DNAT --to-destination {pod_ip}:{target}"),
+        format!("-t nat -A POSTROUTING -p tcp -d {pod_ip} --dport {target} -j MASQUERADE"),
+    ] {
+        let args: Vec<&str> = std::iter::once("iptables").chain(rule.split(' ')).collect();
+        if let Err(e) = lb_tests::netns::run(&ns, &args) {
+            panic!("iptables {rule} in {ns}: {e}");
+        }
+    }
+
+    // No endpoints for lbx: the SYN is the kernel's, and so is the connection.
+    ok("config", lab.set_endpoints(0, &[]));
+    let deadline = lab.resync() * 4 + Duration::from_secs(10);
+    let start = Instant::now();
+    let (mut conn, first) = loop {
+        assert!(start.elapsed() < deadline, "the kernel path never answered");
+        if let Ok(mut conn) = lab.connect(node0, TCP_NODE_PORT) {
+            if let Ok(a) = conn.get() {
+                if a.pod == pod && *a.client_seen.ip() != lab.client_addr() {
+                    break (conn, a);
+                }
+            }
+        }
+        std::thread::sleep(POLL);
+    };
+    eprintln!("kernel connection: {first:?}");
+
+    // lbx takes the Service back: new connections are XDP's (client address kept) ...
+    let all: Vec<EndpointSpec> = lab.pods().into_iter().map(EndpointSpec::ready).collect();
+    ok("config", lab.set_endpoints(0, &all));
+    let start = Instant::now();
+    loop {
+        assert!(
+            start.elapsed() < deadline,
+            "lbx never took the Service over"
+        );
+        if let Ok(a) = lab.http_get(node0, TCP_NODE_PORT) {
+            if *a.client_seen.ip() == lab.client_addr() {
+                break;
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+    let before = counters(&lab, 0);
+    let fresh = tcp_flows(&lab, node0, TCP_NODE_PORT, 20);
+    for a in &fresh {
+        let want = if a.pod.node == 0 {
+            lab.client_addr()
+        } else {
+            lab.snat_addr(0)
+        };
+        assert_eq!(
+            *a.client_seen.ip(),
+            want,
+            "a new connection after the takeover: {a:?}"
+        );
+    }
+    let after = counters(&lab, 0);
+    let xdp = delta(&after, &before, "fwd_local") + delta(&after, &before, "fwd_remote");
+    assert!(
+        xdp >= 3 * 20,
+        "20 new connections, {xdp} packets through XDP"
+    );
+    // ... and the kernel's connection goes on where it was, untouched by XDP.
+    for i in 0..5 {
+        check_same(
+            &mut conn,
+            &first,
+            &format!("request {i} after lbx took over"),
+        );
+    }
+    let after = counters(&lab, 0);
+    let mid = delta(&after, &before, "pass_mid_stream");
+    assert!(mid >= 5, "pass_mid_stream grew by {mid}: {after:?}");
+    assert_no_errors(&lab, 0);
+}
+
 #[test]
 fn teardown_leaves_nothing_behind() {
     // Explicit shutdown: also checks the agent's SIGTERM contract (exit 0, XDP detached,

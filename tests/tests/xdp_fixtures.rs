@@ -108,8 +108,8 @@ fn rows() -> Vec<Row> {
             expect: Some(base.clone().macs(VETH_A_MAC, POD_A_MAC).ip_dst(POD_A).ttl(63).dport(8080).build()),
         },
         Row {
-            description: "tcp ack with payload, new flow: same DNAT, payload untouched",
-            before: vec![],
+            description: "tcp ack with payload after the syn: same DNAT, payload untouched",
+            before: vec![tcp_syn(NODE, 30080).sport(40002).build()],
             prog: Prog::Xdp,
             input: client().ipv4(CLIENT, NODE).tcp(40002, 30080).ack().payload(b"hello world").build(),
             expect_verdict: XDP_REDIRECT,
@@ -117,6 +117,33 @@ fn rows() -> Vec<Row> {
             expect: Some(
                 Packet::eth(VETH_A_MAC, POD_A_MAC).ipv4(CLIENT, POD_A).ttl(63).tcp(40002, 8080).ack().payload(b"hello world").build(),
             ),
+        },
+        Row {
+            description: "tcp ack, no flow: a connection the kernel carries, passed unchanged",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: client().ipv4(CLIENT, NODE).tcp(40003, 30080).ack().payload(b"hello world").build(),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassMidStream,
+            expect: None,
+        },
+        Row {
+            description: "tcp syn+ack to a frontend, no flow: not an opening, passed unchanged",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: tcp_syn(NODE, 30080).sport(40004).ack().build(),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassMidStream,
+            expect: None,
+        },
+        Row {
+            description: "tcp fin, no flow: passed unchanged",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: client().ipv4(CLIENT, NODE).tcp(40005, 30081).fin().ack().build(),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassMidStream,
+            expect: None,
         },
         Row {
             description: "udp to the same nodeport is a different frontend (POD_B:5353)",
@@ -596,9 +623,11 @@ fn established_flow_survives_backend_set_change() {
     }
 }
 
-/// A backend that disappears entirely: its flows are reselected (fail closed, no stale id).
+/// A backend that disappears entirely: its flow's next packets are not translated any more
+/// (no stale id, and no other pod handed the middle of a connection it never saw); they are
+/// the kernel's. A new SYN on the tuple selects among the backends left.
 #[test]
-fn flow_of_deleted_backend_is_reselected() {
+fn flow_of_deleted_backend_passes_until_a_new_syn() {
     require_root();
     let mut dp = world();
     let syn = client().ipv4(CLIENT, NODE).tcp(41001, 30090).syn();
@@ -614,13 +643,20 @@ fn flow_of_deleted_backend_is_reselected() {
     dp.write_full_ring(SVC_MULTI, &ring_for(&remaining, FIXTURE_MAGLEV_SIZE))
         .unwrap();
     dp.clear_backend(gone).unwrap();
-    let (v, out) = dp
-        .test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(41001, 30090).ack().build())
-        .unwrap();
+    let ack = client().ipv4(CLIENT, NODE).tcp(41001, 30090).ack().build();
+    let before = stat(&dp, Reason::PassMidStream);
+    assert_eq!(dp.test_run_xdp(&ack).unwrap(), (XDP_PASS, ack.clone()));
+    assert_eq!(stat(&dp, Reason::PassMidStream), before + 1);
+    let (v, out) = dp.test_run_xdp(&syn.build()).unwrap();
     assert_eq!(v, XDP_REDIRECT);
-    assert_ne!(
+    let second = lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst;
+    assert_ne!(second, first);
+    // The reselected flow is established again: its ACK follows it.
+    let (v, out) = dp.test_run_xdp(&ack).unwrap();
+    assert_eq!(v, XDP_REDIRECT);
+    assert_eq!(
         lb_tests::packet::parse(&out).unwrap().ip.unwrap().dst,
-        first
+        second
     );
 }
 
@@ -876,9 +912,15 @@ fn established_flows_follow_frontend_changes() {
     assert_eq!(stat(&dp, Reason::PassNonService), before + 1);
 
     // 2. The same key back, but for another service slot (a deleted service's frontend
-    // reused): the old flow's entry is stale and the packet is a new flow of the new service.
+    // reused): the old flow's entry is stale. Its next packet is not handed to the new
+    // service's pods mid-stream; a SYN on the tuple is a new flow of the new service.
     dp.set_frontend(&lb_80, &ext_fe).unwrap();
-    let (v, out) = dp.test_run_xdp(&ack).unwrap();
+    let before = stat(&dp, Reason::PassMidStream);
+    assert_eq!(dp.test_run_xdp(&ack).unwrap(), (XDP_PASS, ack.clone()));
+    assert_eq!(stat(&dp, Reason::PassMidStream), before + 1);
+    let (v, out) = dp
+        .test_run_xdp(&to(LB_IP, 46000, 80).syn().build())
+        .unwrap();
     assert_eq!((v, dst_of(&out)), (XDP_REDIRECT, (POD_B, 8443)));
     let (_, entry) = ct_entry(&dp, 46000, LB_IP, 80);
     assert_eq!(entry.service_id, SVC_EXTERNAL_IP);
@@ -893,8 +935,15 @@ fn established_flows_follow_frontend_changes() {
     assert_eq!((v, dst_of(&out)), (XDP_REDIRECT, (POD_A, 8080)));
     dp.set_frontend(&frontend_key(None, 30100, PROTO_TCP), &ext_fe)
         .unwrap();
-    let (v, out) = dp
+    let (v, _) = dp
         .test_run_xdp(&to(NODE, 46001, 30100).ack().build())
+        .unwrap();
+    assert_eq!(
+        v, XDP_PASS,
+        "the old flow's entry was used for the new service"
+    );
+    let (v, out) = dp
+        .test_run_xdp(&to(NODE, 46001, 30100).syn().build())
         .unwrap();
     assert_eq!((v, dst_of(&out)), (XDP_REDIRECT, (POD_B, 8443)));
 
@@ -1014,17 +1063,19 @@ fn closed_flows_stop_translating_after_the_grace() {
         "expired entry not deleted"
     );
 
-    // And the client's next packet on the old tuple is a new flow (fresh, not closing).
-    dp.set_conntrack(
-        &ckey,
-        &lb_common::CtEntry {
-            closing_s: old,
-            ..ct
-        },
-    )
-    .unwrap();
+    // The client's late packets on the old tuple are not translated any more (the kernel's),
+    // and a SYN on it is a new flow (fresh, not closing).
+    let expired = lb_common::CtEntry {
+        closing_s: old,
+        ..ct
+    };
+    dp.set_conntrack(&ckey, &expired).unwrap();
+    let late = client().ipv4(CLIENT, NODE).tcp(45000, 30080).ack().build();
+    let before = stat(&dp, Reason::PassMidStream);
+    assert_eq!(dp.test_run_xdp(&late).unwrap(), (XDP_PASS, late.clone()));
+    assert_eq!(stat(&dp, Reason::PassMidStream), before + 1);
     assert_eq!(
-        dp.test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(45000, 30080).ack().build())
+        dp.test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(45000, 30080).syn().build())
             .unwrap()
             .0,
         XDP_REDIRECT
@@ -1068,10 +1119,26 @@ fn snat_port_of_a_closed_flow_is_reused_after_time_wait() {
     dp.set_config(&cfg).unwrap();
     let syn = |sport| client().ipv4(CLIENT, NODE).tcp(sport, 30081).syn().build();
     assert_eq!(dp.test_run_xdp(&syn(46000)).unwrap().0, XDP_REDIRECT);
-    // The only port is taken: a second flow falls back to the kernel.
+    // The only port is taken: a second flow falls back to the kernel ...
     let before = stat(&dp, Reason::PassSnatExhausted);
     assert_eq!(dp.test_run_xdp(&syn(46001)).unwrap().0, XDP_PASS);
     assert_eq!(stat(&dp, Reason::PassSnatExhausted), before + 1);
+    // ... and stays there: its next packets pass unchanged, no flow is created for them
+    // (taking them over would send the kernel's connection to another pod).
+    let ack = client()
+        .ipv4(CLIENT, NODE)
+        .tcp(46001, 30081)
+        .ack()
+        .payload(b"GET /")
+        .build();
+    let before = stat(&dp, Reason::PassMidStream);
+    assert_eq!(dp.test_run_xdp(&ack).unwrap(), (XDP_PASS, ack.clone()));
+    assert_eq!(stat(&dp, Reason::PassMidStream), before + 1);
+    assert_eq!(
+        dp.conntrack().unwrap().len(),
+        1,
+        "only the first flow is tracked"
+    );
     // The first flow closes (RST from the pod's side, via the SNAT reply path) ...
     let rst = Packet::eth(NODE1_MAC, NIC_MAC)
         .ipv4(POD_R, NODE)
