@@ -20,6 +20,7 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod reference;
 mod stats;
 
 use aya_ebpf::{

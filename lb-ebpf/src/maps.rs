@@ -62,7 +62,7 @@ pub static PEERS: HashMap<u32, PeerNode> = HashMap::with_max_entries(1024, 0);
 pub static MAGLEV: Array<[u32; 2]> = Array::with_max_entries(64 * 16381 / 2, BPF_F_MMAPABLE);
 
 /// Connection tracking, client -> frontend 5-tuple as received -> chosen backend. Written by
-/// the XDP program on a flow's first packet; LRU so it never fills up.
+/// the XDP program on a flow's first packet (TCP: its SYN); LRU so it never fills up.
 #[map]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(262144, BPF_F_NO_COMMON_LRU);
 

@@ -223,6 +223,9 @@ pub struct Dataplane {
     local_endpoints: std::collections::HashMap<u32, (LocalEndpoint, BTreeSet<u32>)>,
     /// The pod address of every local backend id (to find its entry again on clear).
     local_ids: std::collections::HashMap<u32, u32>,
+    /// Local pods in `local_endpoints` that found LOCAL_ENDPOINTS full: their peer requests
+    /// take the kernel path; each freed slot goes to one of them.
+    local_overflow: BTreeSet<u32>,
     /// The keys of PEERS (peer nodes' SNAT addresses, wire order).
     peers: BTreeSet<u32>,
 }
@@ -243,6 +246,9 @@ pub const MAP_NAMES: &[&str] = &[
     "PEERS",
 ];
 const PROG_PASS: &str = "lb_pass";
+/// Benchmark references in the object (`lb-ebpf/src/reference.rs`): loaded only by
+/// [`Dataplane::bench_reference`], never attached.
+pub const REFERENCE_PROGRAMS: [&str; 2] = ["lb_ref_ct_lookup", "lb_ref_ct_insert"];
 const PROG_TC: &str = "lb_reply";
 
 impl Dataplane {
@@ -324,6 +330,7 @@ impl Dataplane {
             frontend_keys: Default::default(),
             frontend_epoch: 0,
             local_endpoints: Default::default(),
+            local_overflow: BTreeSet::new(),
             local_ids: Default::default(),
             peers: BTreeSet::new(),
         };
@@ -487,11 +494,19 @@ impl Dataplane {
                 };
                 if last {
                     self.local_endpoints.remove(&old);
-                    let mut map: HashMap<_, u32, LocalEndpoint> = self.typed("LOCAL_ENDPOINTS")?;
-                    match map.remove(&old) {
-                        Ok(()) => {}
-                        Err(e) if is_not_found(&e) => {}
-                        Err(e) => return Err(map_err("LOCAL_ENDPOINTS", "remove")(e)),
+                    if !self.local_overflow.remove(&old) {
+                        let mut map: HashMap<_, u32, LocalEndpoint> =
+                            self.typed("LOCAL_ENDPOINTS")?;
+                        match map.remove(&old) {
+                            Ok(()) => {}
+                            Err(e) if is_not_found(&e) => {}
+                            Err(e) => return Err(map_err("LOCAL_ENDPOINTS", "remove")(e)),
+                        }
+                        // A slot is free: a pod that did not fit takes it.
+                        if let Some(waiting) = self.local_overflow.pop_first() {
+                            let ep = self.local_endpoints[&waiting].0;
+                            self.insert_local_endpoint(waiting, &ep)?;
+                        }
                     }
                 }
             }
@@ -512,9 +527,42 @@ impl Dataplane {
         entry.1.insert(id);
         if entry.0 != ep || entry.1.len() == 1 {
             entry.0 = ep;
-            self.hash_insert("LOCAL_ENDPOINTS", &addr, &ep)?;
+            if !self.local_overflow.contains(&addr) {
+                self.insert_local_endpoint(addr, &ep)?;
+            }
         }
         Ok(())
+    }
+
+    /// Writes one LOCAL_ENDPOINTS entry. A full map is not an error: the pod goes on the
+    /// overflow list (its peer requests take the kernel path, as without the fast path) and
+    /// gets the next free slot.
+    fn insert_local_endpoint(
+        &mut self,
+        addr: u32,
+        ep: &LocalEndpoint,
+    ) -> Result<(), DataplaneError> {
+        let mut map: HashMap<_, u32, LocalEndpoint> = self.typed("LOCAL_ENDPOINTS")?;
+        match map.insert(addr, ep, 0) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                if self.local_overflow.is_empty() {
+                    warn!(
+                        "LOCAL_ENDPOINTS is full ({} pods): requests that peers forward to pods \
+                         beyond it take the kernel path",
+                        self.local_endpoints.len() - 1
+                    );
+                }
+                self.local_overflow.insert(addr);
+                Ok(())
+            }
+            Err(e) => Err(map_err("LOCAL_ENDPOINTS", "insert")(e)),
+        }
+    }
+
+    /// Local pods without a LOCAL_ENDPOINTS entry because the map was full.
+    pub fn local_endpoints_overflow(&self) -> usize {
+        self.local_overflow.len()
     }
 
     /// LOCAL_ENDPOINTS as the program sees it.
@@ -799,6 +847,29 @@ impl Dataplane {
     ) -> Result<(u32, Duration), DataplaneError> {
         let prog: &mut Xdp = program(&mut self.ebpf, PROG_PASS)?;
         bench(prog, PROG_PASS, packet, repeat)
+    }
+
+    /// Like [`Self::bench_xdp`] for one of the object's reference programs, loaded on first
+    /// use (never attached): `lb_ref_ct_lookup` (parse and one CONNTRACK lookup) or
+    /// `lb_ref_ct_insert` (one CONNTRACK insert of a random key).
+    pub fn bench_reference(
+        &mut self,
+        name: &'static str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, Duration), DataplaneError> {
+        if !REFERENCE_PROGRAMS.contains(&name) {
+            return Err(DataplaneError::MissingProgram { name });
+        }
+        let prog: &mut Xdp = program(&mut self.ebpf, name)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DataplaneError::Program {
+                name,
+                op: "load",
+                source,
+            })?;
+        }
+        bench(prog, name, packet, repeat)
     }
 
     fn hash_entries<K: aya::Pod, V: aya::Pod>(

@@ -1370,3 +1370,48 @@ fn peer_path_follows_local_backends_and_peers() {
     assert_ne!(dp.config().unwrap().flags & lb_common::CFG_PEERS, 0);
     assert_eq!(dp.test_run_xdp(&to(POD_B)).unwrap().0, XDP_REDIRECT);
 }
+
+/// LOCAL_ENDPOINTS full (more local pods than its 16 384 entries): writing the backend still
+/// succeeds, the pod that does not fit is counted and its peer requests take the kernel
+/// path, and it gets the first slot a removed pod frees.
+#[test]
+fn local_endpoints_overflow_is_counted_and_catches_up() {
+    require_root();
+    let mut dp = Dataplane::load(lb_user::dataplane::DataplaneOptions {
+        max_services: 1,
+        maglev_size: FIXTURE_MAGLEV_SIZE,
+        max_backends: 16_400,
+        max_frontends: 16,
+        ct_entries: 1024,
+        affinity_entries: 1024,
+        pin_dir: None,
+    })
+    .expect("load the BPF object");
+    let pod = |i: u32| Ipv4Addr::from(0x0a50_0000 + i);
+    let be = |i: u32| local_backend(pod(i), 8080, VETH_A_IFINDEX, VETH_A_MAC, POD_A_MAC);
+    const CAP: u32 = 16_384;
+    for i in 1..=CAP {
+        dp.set_backend(i, &be(i)).unwrap();
+    }
+    assert_eq!(dp.local_endpoints_overflow(), 0);
+    // One more pod: the backend is written, the endpoint waits.
+    dp.set_backend(CAP + 1, &be(CAP + 1)).unwrap();
+    assert_eq!(dp.backend(CAP + 1).unwrap(), be(CAP + 1));
+    assert_eq!(dp.local_endpoints_overflow(), 1);
+    let in_map = |dp: &Dataplane, i: u32| {
+        dp.local_endpoints()
+            .unwrap()
+            .iter()
+            .any(|(a, _)| *a == addr(pod(i))[0])
+    };
+    assert!(!in_map(&dp, CAP + 1));
+    // A second id of a waiting pod neither fails nor takes a slot.
+    dp.set_backend(CAP + 2, &be(CAP + 1)).unwrap();
+    assert_eq!(dp.local_endpoints_overflow(), 1);
+    // Pod 7 goes: the waiting pod takes its slot.
+    dp.clear_backend(7).unwrap();
+    assert_eq!(dp.local_endpoints_overflow(), 0);
+    assert!(in_map(&dp, CAP + 1));
+    assert!(!in_map(&dp, 7));
+    assert_eq!(dp.local_endpoints().unwrap().len(), CAP as usize);
+}

@@ -17,6 +17,10 @@
 //!   code); the counters and the conntrack table prove every repeat created a flow.
 //! - empty_program / floor: the harness cost (a program that only returns XDP_PASS) and the
 //!   program's shortest path (an ARP frame), for reference.
+//! - ref_ct_lookup / ref_ct_insert: the object's reference programs (never attached): the
+//!   ct_hit packet through parse and one CONNTRACK lookup, and one CONNTRACK insert of a
+//!   fresh key (ct_create makes two such inserts per new flow, REVNAT and CONNTRACK). They
+//!   show how much of ct_hit and new_flow is the kernel's LRU hash code.
 //!
 //! `ns_per_packet` is the gross cost per BPF_PROG_TEST_RUN repeat (harness included), the
 //! number the targets are about. `net_ns_per_packet` (the "net of harness" column) is the
@@ -73,7 +77,8 @@ struct Case {
 struct Report {
     /// ct_hit, new_flow and non_service, per service count.
     cases: Vec<Case>,
-    /// empty_program (the harness alone) and floor (the program's shortest path).
+    /// empty_program (the harness alone), floor (the program's shortest path) and the
+    /// ref_ct_lookup / ref_ct_insert map-operation references.
     reference: Vec<Case>,
     method: &'static str,
     maglev_size: u32,
@@ -189,6 +194,8 @@ struct Size {
 }
 
 const CHAIN_REPEAT: u32 = 4000;
+/// Inserts per ref_ct_insert run: below a CPU's share of CONNTRACK (262 144 / 2 CPUs here).
+const REF_INSERT_REPEAT: u32 = 100_000;
 
 fn prepare(n: u32, args: &Args) -> Result<Size> {
     eprintln!("services = {n}");
@@ -320,6 +327,13 @@ fn round(sz: &mut Size, args: &Args) -> Result<Vec<(&'static str, f64)>> {
         "ct_hit",
         one_run(dp, &sz.ct_pkt, r, XDP_REDIRECT, Reason::FwdLocal)?,
     ));
+    // The same packet through parse and the CONNTRACK lookup alone (DROP if it missed).
+    let (v, d) = dp.bench_reference("lb_ref_ct_lookup", &sz.ct_pkt, r)?;
+    ensure!(
+        v == XDP_PASS,
+        "ref_ct_lookup: verdict {v} (the lookup missed)"
+    );
+    out.push(("ref_ct_lookup", d.as_nanos() as f64));
 
     dp.flush_flows()?;
     let before = stat(dp, Reason::FwdRemote)?;
@@ -332,6 +346,21 @@ fn round(sz: &mut Size, args: &Args) -> Result<Vec<(&'static str, f64)>> {
         "new_flow chain: {fwd} forwards and {flows} flows for {CHAIN_REPEAT} repeats (every repeat must be a new flow)"
     );
     out.push(("new_flow", d.as_nanos() as f64));
+    // One LRU insert per repeat into the emptied CONNTRACK (DROP if one failed), fewer
+    // repeats than a CPU's share of the map, so nothing is evicted (neither is in new_flow).
+    dp.flush_flows()?;
+    let (v, d) = dp.bench_reference("lb_ref_ct_insert", &sz.arp, REF_INSERT_REPEAT)?;
+    ensure!(
+        v == XDP_PASS,
+        "ref_ct_insert: verdict {v} (an insert failed)"
+    );
+    let flows = dp.conntrack()?.len();
+    // Random keys: a handful of the 100 000 may coincide.
+    ensure!(
+        flows as u32 >= REF_INSERT_REPEAT - REF_INSERT_REPEAT / 100,
+        "ref_ct_insert: {flows} entries after {REF_INSERT_REPEAT} inserts"
+    );
+    out.push(("ref_ct_insert", d.as_nanos() as f64));
     // Restore the ct_hit fixed point's entry for the next round.
     dp.flush_flows()?;
     dp.set_conntrack(&sz.ct_entry.0, &sz.ct_entry.1)?;
@@ -364,6 +393,8 @@ fn main() -> Result<()> {
     for name in [
         "empty_program",
         "floor",
+        "ref_ct_lookup",
+        "ref_ct_insert",
         "non_service",
         "ct_hit",
         "new_flow",
@@ -375,7 +406,10 @@ fn main() -> Result<()> {
                 .zip(&samples[&(sz.n, "empty_program")])
                 .map(|(ns, empty)| ns - empty)
                 .collect();
-            let list = if matches!(name, "empty_program" | "floor") {
+            let list = if matches!(
+                name,
+                "empty_program" | "floor" | "ref_ct_lookup" | "ref_ct_insert"
+            ) {
                 &mut reference
             } else {
                 &mut cases

@@ -1311,6 +1311,11 @@ impl Cluster {
                 point.rounds_rps.push(res.rps());
                 point.rounds_p99_us.push(res.percentile_us(99.0));
                 point.errors += res.errors;
+                for e in &res.first_errors {
+                    let e = format!("round {}: {e}", round + 1);
+                    progress.step(format!("           {path} sweep error: {e}"));
+                    point.first_errors.push(e);
+                }
                 for (k, v) in reason_delta(&reasons0, self.xdp_reasons()?) {
                     *point.xdp_reasons.entry(k).or_default() += v;
                 }

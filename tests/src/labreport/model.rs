@@ -160,6 +160,9 @@ pub struct SweepPoint {
     /// Every round's p99 (`p99_us` is their median).
     #[serde(default)]
     pub rounds_p99_us: Vec<f64>,
+    /// What the failed connections reported (the first few distinct messages per round).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub first_errors: Vec<String>,
 }
 
 /// The median of `v` (the mean of the middle two for an even count); 0 for none.
