@@ -70,9 +70,9 @@ reasons! {
     /// A local pod's reply to a peer node's SNAT address: redirected straight out of the
     /// interface the peer's requests came in on (TC).
     ReplyPeer = 23, "reply_peer";
-    /// TCP packet without SYN (or with SYN+ACK) for a service, and no usable flow state:
-    /// the connection is the kernel's (its SYN was passed, or it predates lbx). lbx starts
-    /// TCP flows only at a SYN.
+    /// TCP packet without SYN (or with SYN+ACK) for a service, and no flow entry: the
+    /// connection is the kernel's (its SYN was passed, or it predates lbx). lbx starts TCP
+    /// flows that have no entry only at a SYN.
     PassMidStream = 24, "pass_mid_stream";
 }
 

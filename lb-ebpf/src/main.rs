@@ -10,7 +10,7 @@
 //!
 //! The request path reads top to bottom: parse, the service-port bitmap, ct_lookup (an
 //! established flow whose entry is current goes straight to dnat: one hash lookup),
-//! lookup_service, select_backend (TCP: only for a SYN), ct_create, dnat (rewrite),
+//! lookup_service, select_backend (TCP without an entry: only for a SYN), ct_create, dnat (rewrite),
 //! redirect. Why skipping the frontend lookup for established flows is sound:
 //! `lb::ct_lookup`. Every packet ends in exactly one counted `Reason`.
 #![no_std]
@@ -109,11 +109,13 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         }
     }
 
-    // New flow (or one whose entry no longer holds): choose a backend and remember it. TCP
-    // only from a SYN: a mid-stream packet we hold no state for belongs to a connection the
-    // kernel (kube-proxy) carries, because its SYN was passed (no SNAT port, TTL, full
-    // tables) or it predates lbx. Taking it over would send it to some other pod.
-    if !p.opens_flow() {
+    // New flow (or one whose entry no longer holds): choose a backend and remember it. A TCP
+    // flow we hold no entry for starts only at its SYN: a mid-stream packet without one
+    // belongs to a connection the kernel (kube-proxy) carries, because its SYN was passed
+    // (no SNAT port, TTL, full tables) or it predates lbx, and taking it over would send it
+    // to some other pod. A flow with an entry is ours (the kernel knows nothing of it): when
+    // its backend is gone or its entry stale, it is balanced again here.
+    if matches!(ct, CtLookup::Miss) && !p.opens_flow() {
         return Err(Reason::PassMidStream);
     }
     let hash = lb::packet_hash(&p);

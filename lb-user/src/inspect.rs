@@ -820,8 +820,8 @@ pub struct Probe {
     pub to: SocketAddrV4,
     /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
-    /// A TCP SYN (opens a connection): only a SYN starts a TCP flow, and a SYN reselects
-    /// when the tracked backend is terminating.
+    /// A TCP SYN (opens a connection): only a SYN starts a TCP flow that has no entry, and a
+    /// SYN reselects when the tracked backend is terminating.
     pub syn: bool,
 }
 
@@ -1082,7 +1082,9 @@ pub fn explain(
     // 3. ct_lookup: an established flow keeps its backend.
     let mut chosen: Option<(u32, Backend, bool)> = None; // (id, backend, established)
     let mut ct_snat_port = 0u16;
-    match view.conntrack(&ct_key)? {
+    let ct_entry = view.conntrack(&ct_key)?;
+    let has_entry = ct_entry.is_some();
+    match ct_entry {
         None => t.step("ct_lookup", "no conntrack entry: a new flow"),
         Some(ct) if ct.service_id != fe.service_id => t.step(
             "ct_lookup",
@@ -1129,13 +1131,13 @@ pub fn explain(
         },
     }
 
-    // 4. select_backend: affinity, else the Maglev ring. TCP flows start only at a SYN.
-    if chosen.is_none() && probe.proto == PROTO_TCP && !probe.syn {
+    // 4. select_backend: affinity, else the Maglev ring. A TCP flow without an entry
+    // starts only at a SYN; one with an entry is ours and is balanced again.
+    if chosen.is_none() && !has_entry && probe.proto == PROTO_TCP && !probe.syn {
         t.step(
             "select_backend",
-            "TCP without SYN and no usable flow entry: the connection is the kernel's \
-             (kube-proxy's); lbx starts TCP flows only at a SYN (add --syn to see where a new \
-             connection goes)",
+            "TCP without SYN and no flow entry: the connection is the kernel's (kube-proxy's); \
+             lbx starts TCP flows only at a SYN (add --syn to see where a new connection goes)",
         );
         return Ok(pass(t, Reason::PassMidStream));
     }
@@ -1598,10 +1600,9 @@ mod tests {
         let stale = explain(&s, &Probe { syn: false, ..p }, 0).unwrap();
         assert!(!stale.established);
         assert!(stale.steps.iter().any(|s| s.outcome.contains("stale")));
-        // Mid-stream without a usable entry: the kernel's connection, not a new flow.
-        assert_eq!(stale.reason, Reason::PassMidStream);
-        assert_eq!(stale.action, "XDP_PASS");
-        assert!(stale.backend.is_none());
+        // Mid-stream with a stale entry: still ours, balanced again (not the kernel's).
+        assert_ne!(stale.reason, Reason::PassMidStream);
+        assert!(stale.backend.is_some());
     }
 
     #[test]

@@ -189,9 +189,9 @@ struct ExplainArgs {
     to: SocketAddrV4,
     #[arg(long, value_enum, default_value_t = Proto::Tcp)]
     proto: Proto,
-    /// Treat the packet as a TCP SYN. Only a SYN starts a TCP flow (without it, a packet
-    /// with no flow entry is left to the kernel), and a SYN on a tracked flow whose backend
-    /// is terminating reselects.
+    /// Treat the packet as a TCP SYN. Only a SYN starts a TCP flow that has no entry
+    /// (without it, such a packet is left to the kernel), and a SYN on a tracked flow whose
+    /// backend is terminating reselects.
     #[arg(long)]
     syn: bool,
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
