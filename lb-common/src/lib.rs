@@ -285,6 +285,20 @@ pub struct PeerNode {
 }
 const _: () = assert!(core::mem::size_of::<PeerNode>() == 16);
 
+// lb-ebpf copies MAC addresses between map values and the packet as three 16-bit words
+// (`parse::copy_mac`): every MAC field must sit at an even offset of a 4-aligned value.
+const _: () = {
+    use core::mem::{align_of, offset_of};
+    assert!(offset_of!(Backend, dmac) % 2 == 0 && offset_of!(Backend, smac) % 2 == 0);
+    assert!(offset_of!(RevNatEntry, client_mac) % 2 == 0);
+    assert!(offset_of!(RevNatEntry, node_mac) % 2 == 0);
+    assert!(offset_of!(LocalEndpoint, mac) % 2 == 0);
+    assert!(offset_of!(LocalEndpoint, node_mac) % 2 == 0);
+    assert!(offset_of!(PeerNode, mac) % 2 == 0 && offset_of!(PeerNode, node_mac) % 2 == 0);
+    assert!(align_of::<Backend>() >= 2 && align_of::<RevNatEntry>() >= 2);
+    assert!(align_of::<LocalEndpoint>() >= 2 && align_of::<PeerNode>() >= 2);
+};
+
 /// Key of `AFFINITY`: sessionAffinity ClientIP per service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

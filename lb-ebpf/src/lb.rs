@@ -25,9 +25,10 @@ use crate::{
 const SNAT_PROBES: u32 = 8;
 const NS_PER_S: u64 = 1_000_000_000;
 
-/// The backend a packet goes to, and the SNAT source port when it is remote.
+/// The backend a packet goes to (its `BACKENDS` entry, read in place), and the SNAT source
+/// port when it is remote.
 pub struct Flow {
-    pub backend: Backend,
+    pub backend: &'static Backend,
     pub snat_port: u16,
 }
 
@@ -42,30 +43,22 @@ fn is_node_addr(cfg: &Config, addr: u32) -> bool {
 
 /// The packet's own 5-tuple as a ct/reverse-NAT key.
 #[inline(always)]
-pub fn ct_key(p: &Parsed) -> CtKey {
-    CtKey {
-        saddr: p.saddr,
-        daddr: p.daddr,
-        sport: p.sport,
-        dport: p.dport,
-        proto: p.proto,
-        _pad0: 0,
-        _pad1: 0,
-    }
+pub fn ct_key(p: &Parsed) -> &CtKey {
+    &p.key
 }
 
 /// Is this a reply to a flow we SNATed towards a remote backend? Only packets addressed to
 /// the SNAT address and port range are looked up.
 #[inline(always)]
 pub fn snat_reply_lookup(cfg: &Config, p: &Parsed) -> Option<*mut RevNatEntry> {
-    if cfg.snat_addr == 0 || p.daddr != cfg.snat_addr {
+    if cfg.snat_addr == 0 || p.key.daddr != cfg.snat_addr {
         return None;
     }
-    let port = port_host(p.dport);
+    let port = port_host(p.key.dport);
     if port < cfg.snat_port_min || port > cfg.snat_port_max {
         return None;
     }
-    let rev = revnat_lookup(cfg, p, &ct_key(p))?;
+    let rev = revnat_lookup(cfg, p, ct_key(p))?;
     if unsafe { (*rev).flags } & REV_SNAT == 0 {
         return None;
     }
@@ -81,8 +74,8 @@ pub fn peer_request_lookup(cfg: &Config, p: &Parsed) -> Option<(*mut PeerNode, L
     if cfg.flags & CFG_PEERS == 0 {
         return None;
     }
-    let peer = PEERS.get_ptr_mut(&p.saddr)?;
-    let ep = unsafe { LOCAL_ENDPOINTS.get(&p.daddr) }?;
+    let peer = PEERS.get_ptr_mut(&p.key.saddr)?;
+    let ep = unsafe { LOCAL_ENDPOINTS.get(&p.key.daddr) }?;
     Some((peer, *ep))
 }
 
@@ -114,7 +107,7 @@ pub fn peer_reply_lookup(cfg: &Config, p: &Parsed) -> Option<PeerNode> {
     if cfg.flags & CFG_PEERS == 0 {
         return None;
     }
-    let peer = unsafe { PEERS.get(&p.daddr) }?;
+    let peer = unsafe { PEERS.get(&p.key.daddr) }?;
     if peer.ifindex == 0 {
         return None;
     }
@@ -125,8 +118,8 @@ pub fn peer_reply_lookup(cfg: &Config, p: &Parsed) -> Option<PeerNode> {
 /// in `SERVICE_PORTS` sends non-service traffic on its way without a hash lookup.
 #[inline(always)]
 pub fn is_service_port(p: &Parsed) -> bool {
-    let port = port_host(p.dport) as u32;
-    let Some(word) = lb_common::service_port_word(p.proto, port as u16) else {
+    let port = port_host(p.key.dport) as u32;
+    let Some(word) = lb_common::service_port_word(p.key.proto, port as u16) else {
         return false;
     };
     match SERVICE_PORTS.get(word) {
@@ -142,26 +135,26 @@ pub fn is_service_port(p: &Parsed) -> bool {
 pub fn lookup_service(cfg: &Config, p: &Parsed) -> Option<Frontend> {
     let mut key = FrontendKey {
         addr: 0,
-        port: p.dport,
-        proto: p.proto,
+        port: p.key.dport,
+        proto: p.key.proto,
         _pad: 0,
     };
-    if is_node_addr(cfg, p.daddr) {
+    if is_node_addr(cfg, p.key.daddr) {
         if let Some(fe) = unsafe { FRONTENDS.get(&key) } {
             return Some(*fe);
         }
     }
-    key.addr = p.daddr;
+    key.addr = p.key.daddr;
     unsafe { FRONTENDS.get(&key) }.copied()
 }
 
 #[inline(always)]
-fn backend(id: u32) -> Option<Backend> {
+fn backend(id: u32) -> Option<&'static Backend> {
     let be = BACKENDS.get(id)?;
     if be.flags & BE_ACTIVE == 0 {
         return None;
     }
-    Some(*be)
+    Some(be)
 }
 
 /// The conntrack entry of the packet's 5-tuple, as `ct_lookup` found it.
@@ -188,7 +181,7 @@ pub enum CtLookup {
 /// each moves the epoch, so none of them can leave a flow forwarded on a stale entry.
 #[inline(always)]
 pub fn ct_lookup(p: &Parsed, epoch: u32) -> CtLookup {
-    match CONNTRACK.get_ptr_mut(&ct_key(p)) {
+    match CONNTRACK.get_ptr_mut(ct_key(p)) {
         None => CtLookup::Miss,
         Some(ct) if unsafe { (*ct).frontend_epoch } == epoch => CtLookup::Current(ct),
         Some(ct) => CtLookup::Unchecked(ct),
@@ -241,9 +234,9 @@ pub fn ct_reuse(cfg: &Config, p: &Parsed, ct: *mut CtEntry) -> Option<Flow> {
         ct.flags |= CT_CLOSING;
         ct.closing_s = now_s;
         let rkey = if ct.flags & CT_SNAT != 0 {
-            reply_key(&be, cfg.snat_addr, ct.snat_port, p.proto)
+            reply_key(be, cfg.snat_addr, ct.snat_port, p.key.proto)
         } else {
-            reply_key(&be, p.saddr, p.sport, p.proto)
+            reply_key(be, p.key.saddr, p.key.sport, p.key.proto)
         };
         if let Some(rev) = REVNAT.get_ptr_mut(&rkey) {
             revnat_closing(rev, now_s);
@@ -318,7 +311,7 @@ pub fn revnat_lookup(cfg: &Config, p: &Parsed, key: &CtKey) -> Option<*mut RevNa
             daddr: r.frontend_addr,
             sport: r.client_port,
             dport: r.frontend_port,
-            proto: p.proto,
+            proto: p.key.proto,
             _pad0: 0,
             _pad1: 0,
         };
@@ -339,11 +332,11 @@ pub fn revnat_lookup(cfg: &Config, p: &Parsed, key: &CtKey) -> Option<*mut RevNa
 #[inline(always)]
 pub fn packet_hash(p: &Parsed) -> u32 {
     flow_hash(
-        &[p.saddr, 0, 0, 0],
-        &[p.daddr, 0, 0, 0],
-        p.sport,
-        p.dport,
-        p.proto,
+        &[p.key.saddr, 0, 0, 0],
+        &[p.key.daddr, 0, 0, 0],
+        p.key.sport,
+        p.key.dport,
+        p.key.proto,
     )
 }
 
@@ -356,14 +349,14 @@ pub fn select_backend(
     p: &Parsed,
     fe: &Frontend,
     hash: u32,
-) -> Result<(u32, Backend), Reason> {
+) -> Result<(u32, &'static Backend), Reason> {
     if fe.backend_count == 0 {
         return Err(Reason::PassNoBackend);
     }
     let affinity = fe.flags & FE_AFFINITY != 0;
-    let saddr = [p.saddr, 0, 0, 0];
+    let saddr = [p.key.saddr, 0, 0, 0];
     let akey = AffinityKey {
-        client: p.saddr,
+        client: p.key.saddr,
         service_id: fe.service_id,
     };
     // Reading the clock is a helper call: only affinity needs it.
@@ -413,7 +406,7 @@ pub fn ct_create(
     p: &Parsed,
     fe: &Frontend,
     id: u32,
-    be: Backend,
+    be: &'static Backend,
     client_mac: [u8; 6],
     node_mac: [u8; 6],
     ingress_ifindex: u32,
@@ -421,10 +414,10 @@ pub fn ct_create(
     hash: u32,
 ) -> Result<Flow, Reason> {
     let mut rev = RevNatEntry {
-        frontend_addr: p.daddr,
-        client_addr: p.saddr,
-        frontend_port: p.dport,
-        client_port: p.sport,
+        frontend_addr: p.key.daddr,
+        client_addr: p.key.saddr,
+        frontend_port: p.key.dport,
+        client_port: p.key.sport,
         ifindex: ingress_ifindex,
         client_mac,
         node_mac,
@@ -444,14 +437,14 @@ pub fn ct_create(
     };
 
     if be.flags & BE_LOCAL != 0 {
-        let rkey = reply_key(&be, p.saddr, p.sport, p.proto);
+        let rkey = reply_key(be, p.key.saddr, p.key.sport, p.key.proto);
         REVNAT.insert(&rkey, &rev, 0).map_err(|_| Reason::PassCtFull)?;
     } else {
-        ct.snat_port = snat_alloc(cfg, p, &be, &mut rev, hash)?;
+        ct.snat_port = snat_alloc(cfg, p, be, &mut rev, hash)?;
         ct.flags = CT_SNAT;
     }
     CONNTRACK
-        .insert(&ct_key(p), &ct, 0)
+        .insert(ct_key(p), &ct, 0)
         .map_err(|_| Reason::PassCtFull)?;
     Ok(Flow {
         backend: be,
@@ -483,7 +476,7 @@ fn snat_alloc(
         // otherwise walk the same fixed sequence every time and run out after 8 reuses.
         let off = if i == 0 { 0 } else { unsafe { bpf_get_prandom_u32() } };
         let port = cfg.snat_port_min + (start.wrapping_add(off) % range) as u16;
-        let rkey = reply_key(be, cfg.snat_addr, port_be(port), p.proto);
+        let rkey = reply_key(be, cfg.snat_addr, port_be(port), p.key.proto);
         if REVNAT.insert(&rkey, &*rev, BPF_NOEXIST as u64).is_ok() {
             return Ok(port_be(port));
         }

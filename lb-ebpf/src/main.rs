@@ -60,14 +60,14 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
             return Err(Reason::PassTtl);
         }
         lb::snat_touch(rev);
-        let rev = unsafe { *rev };
+        let rev = unsafe { &*rev };
         let r = Rewrite {
             saddr: rev.frontend_addr,
             daddr: rev.client_addr,
             sport: rev.frontend_port,
             dport: rev.client_port,
-            dmac: rev.client_mac,
-            smac: rev.node_mac,
+            dmac: &rev.client_mac,
+            smac: &rev.node_mac,
         };
         nat::rewrite_xdp(ctx, &p, &r, cfg.flags)?;
         return Ok((xmit(rev.ifindex), Reason::RevNatRemote));
@@ -144,10 +144,10 @@ fn dnat_and_deliver(
     p: &parse::Parsed,
     flow: &Flow,
 ) -> Result<(u32, Reason), Reason> {
-    let be = &flow.backend;
+    let be = flow.backend;
     let (saddr, sport, reason) = if be.flags & BE_LOCAL != 0 {
         // One hop, client address kept: straight into the pod's veth.
-        (p.saddr, p.sport, Reason::FwdLocal)
+        (p.key.saddr, p.key.sport, Reason::FwdLocal)
     } else {
         // externalTrafficPolicy Cluster, pod on another node: SNAT so the reply comes back here.
         (cfg.snat_addr, flow.snat_port, Reason::FwdRemote)
@@ -157,8 +157,8 @@ fn dnat_and_deliver(
         daddr: be.addr[0],
         sport,
         dport: be.port,
-        dmac: be.dmac,
-        smac: be.smac,
+        dmac: &be.dmac,
+        smac: &be.smac,
     };
     nat::rewrite_xdp(ctx, p, &r, cfg.flags)?;
     Ok((xmit(be.ifindex), reason))
@@ -202,7 +202,7 @@ fn try_lb_reply(ctx: &mut TcContext) -> Result<(i32, Reason), Reason> {
         }
     };
     let cfg = CONFIG.get(0).ok_or(Reason::PassInternal)?;
-    let rev = match lb::revnat_lookup(cfg, &p, &lb::ct_key(&p)) {
+    let rev = match lb::revnat_lookup(cfg, &p, lb::ct_key(&p)) {
         Some(rev) if unsafe { (*rev).flags } & REV_SNAT == 0 => unsafe { *rev },
         _ => return reply_to_peer(ctx, cfg, &p),
     };
@@ -211,11 +211,11 @@ fn try_lb_reply(ctx: &mut TcContext) -> Result<(i32, Reason), Reason> {
     }
     let r = Rewrite {
         saddr: rev.frontend_addr,
-        daddr: p.daddr,
+        daddr: p.key.daddr,
         sport: rev.frontend_port,
-        dport: p.dport,
-        dmac: rev.client_mac,
-        smac: rev.node_mac,
+        dport: p.key.dport,
+        dmac: &rev.client_mac,
+        smac: &rev.node_mac,
     };
     nat::rev_nat_tc(ctx, &p, &r, cfg.flags)?;
     let verdict = unsafe { bpf_redirect(rev.ifindex, 0) } as i32;

@@ -8,16 +8,19 @@ use aya_ebpf::{
 };
 use lb_common::{csum, Reason, CFG_DEC_TTL, PROTO_UDP};
 
-use crate::parse::{ptr_at, write_mac, EthHdr, Ipv4Hdr, Parsed, Ports};
+use core::ptr::addr_of_mut;
 
-/// What the packet's headers become.
-pub struct Rewrite {
+use crate::parse::{copy_mac, ptr_at, EthHdr, Ipv4Hdr, Ipv4TcpHead, Ipv4UdpHead, Parsed, Ports};
+
+/// What the packet's headers become. The MACs are borrowed from the map value (or its copy)
+/// that holds them, so they go into the packet without a detour over the stack.
+pub struct Rewrite<'a> {
     pub saddr: u32,
     pub daddr: u32,
     pub sport: u16,
     pub dport: u16,
-    pub dmac: [u8; 6],
-    pub smac: [u8; 6],
+    pub dmac: &'a [u8; 6],
+    pub smac: &'a [u8; 6],
 }
 
 /// Offset of the TTL/protocol 16-bit word inside the IPv4 header.
@@ -35,40 +38,47 @@ fn ttl_word(ttl: u8, proto: u8) -> u16 {
 #[inline(always)]
 pub fn rewrite_xdp(ctx: &XdpContext, p: &Parsed, r: &Rewrite, cfg_flags: u32) -> Result<(), Reason> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassInternal)?;
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Reason::PassInternal)?;
-    let ports: *mut Ports = ptr_at(ctx, p.l4_off).ok_or(Reason::PassInternal)?;
-    let l4_csum: *mut u16 = ptr_at(ctx, p.l4_csum_off()).ok_or(Reason::PassInternal)?;
-    let udp = p.proto == PROTO_UDP;
+    // IPv4 and L4 headers behind one bounds check (`parse` took only IHL 5: L4 follows at 20).
+    let udp = p.key.proto == PROTO_UDP;
+    let (ip, ports, l4_csum): (*mut Ipv4Hdr, *mut Ports, *mut u16) = unsafe {
+        if udp {
+            let h: *mut Ipv4UdpHead = ptr_at(ctx, p.l3_off).ok_or(Reason::PassInternal)?;
+            (addr_of_mut!((*h).ip), addr_of_mut!((*h).ports), addr_of_mut!((*h).check))
+        } else {
+            let h: *mut Ipv4TcpHead = ptr_at(ctx, p.l3_off).ok_or(Reason::PassInternal)?;
+            (addr_of_mut!((*h).ip), addr_of_mut!((*h).ports), addr_of_mut!((*h).check))
+        }
+    };
     unsafe {
-        write_mac(core::ptr::addr_of_mut!((*eth).dst), &r.dmac);
-        write_mac(core::ptr::addr_of_mut!((*eth).src), &r.smac);
+        copy_mac(addr_of_mut!((*eth).dst), r.dmac);
+        copy_mac(addr_of_mut!((*eth).src), r.smac);
 
+        // One summed change per checksum: the addresses are in both (the L4 one through
+        // its pseudo-header), the ports only in L4, the TTL only in IPv4. A DNAT to a
+        // local pod keeps the source: its terms are skipped.
+        let mut addrs = csum::diff4(p.key.daddr, r.daddr);
+        let mut ports_diff = csum::diff2(p.key.dport, r.dport);
+        if r.saddr != p.key.saddr || r.sport != p.key.sport {
+            addrs += csum::diff4(p.key.saddr, r.saddr);
+            ports_diff += csum::diff2(p.key.sport, r.sport);
+        }
         let ip = &mut *ip;
-        let mut check = ip.check;
+        let mut ip_diff = addrs;
         if cfg_flags & CFG_DEC_TTL != 0 {
             let new_ttl = p.ttl - 1;
-            check = csum::replace2(check, ttl_word(p.ttl, p.proto), ttl_word(new_ttl, p.proto));
+            ip_diff += csum::diff2(ttl_word(p.ttl, p.key.proto), ttl_word(new_ttl, p.key.proto));
             ip.ttl = new_ttl;
         }
-        check = csum::replace4(check, p.saddr, r.saddr);
-        check = csum::replace4(check, p.daddr, r.daddr);
-        ip.check = check;
+        ip.check = csum::apply(ip.check, ip_diff);
         ip.saddr = r.saddr;
         ip.daddr = r.daddr;
 
-        let mut l4 = *l4_csum;
-        if udp {
-            l4 = csum::udp_replace4(l4, p.saddr, r.saddr);
-            l4 = csum::udp_replace4(l4, p.daddr, r.daddr);
-            l4 = csum::udp_replace2(l4, p.sport, r.sport);
-            l4 = csum::udp_replace2(l4, p.dport, r.dport);
+        let l4_diff = addrs + ports_diff;
+        *l4_csum = if udp {
+            csum::udp_apply(*l4_csum, l4_diff)
         } else {
-            l4 = csum::replace4(l4, p.saddr, r.saddr);
-            l4 = csum::replace4(l4, p.daddr, r.daddr);
-            l4 = csum::replace2(l4, p.sport, r.sport);
-            l4 = csum::replace2(l4, p.dport, r.dport);
-        }
-        *l4_csum = l4;
+            csum::apply(*l4_csum, l4_diff)
+        };
         (*ports).sport = r.sport;
         (*ports).dport = r.dport;
     }
@@ -88,12 +98,12 @@ pub fn forward_xdp(
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassInternal)?;
     let ip: *mut Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Reason::PassInternal)?;
     unsafe {
-        write_mac(core::ptr::addr_of_mut!((*eth).dst), dmac);
-        write_mac(core::ptr::addr_of_mut!((*eth).src), smac);
+        copy_mac(addr_of_mut!((*eth).dst), dmac);
+        copy_mac(addr_of_mut!((*eth).src), smac);
         if cfg_flags & CFG_DEC_TTL != 0 {
             let ip = &mut *ip;
             let new_ttl = p.ttl - 1;
-            ip.check = csum::replace2(ip.check, ttl_word(p.ttl, p.proto), ttl_word(new_ttl, p.proto));
+            ip.check = csum::replace2(ip.check, ttl_word(p.ttl, p.key.proto), ttl_word(new_ttl, p.key.proto));
             ip.ttl = new_ttl;
         }
     }
@@ -114,8 +124,8 @@ pub fn forward_tc(
         let new_ttl = p.ttl - 1;
         ctx.l3_csum_replace(
             p.l3_off + IP_CSUM_OFF,
-            ttl_word(p.ttl, p.proto) as u64,
-            ttl_word(new_ttl, p.proto) as u64,
+            ttl_word(p.ttl, p.key.proto) as u64,
+            ttl_word(new_ttl, p.key.proto) as u64,
             2,
         )
         .map_err(e)?;
@@ -131,18 +141,18 @@ pub fn forward_tc(
 #[inline(always)]
 pub fn rev_nat_tc(ctx: &mut TcContext, p: &Parsed, r: &Rewrite, cfg_flags: u32) -> Result<(), Reason> {
     let l4_csum_off = p.l4_csum_off();
-    let mangled0 = if p.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let mangled0 = if p.key.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
     let ip_csum_off = p.l3_off + IP_CSUM_OFF;
     let e = |_| Reason::PassInternal;
 
-    ctx.l4_csum_replace(l4_csum_off, p.saddr as u64, r.saddr as u64, BPF_F_PSEUDO_HDR as u64 | mangled0 | 4)
+    ctx.l4_csum_replace(l4_csum_off, p.key.saddr as u64, r.saddr as u64, BPF_F_PSEUDO_HDR as u64 | mangled0 | 4)
         .map_err(e)?;
-    ctx.l4_csum_replace(l4_csum_off, p.sport as u64, r.sport as u64, mangled0 | 2)
+    ctx.l4_csum_replace(l4_csum_off, p.key.sport as u64, r.sport as u64, mangled0 | 2)
         .map_err(e)?;
-    ctx.l3_csum_replace(ip_csum_off, p.saddr as u64, r.saddr as u64, 4)
+    ctx.l3_csum_replace(ip_csum_off, p.key.saddr as u64, r.saddr as u64, 4)
         .map_err(e)?;
     ctx.store(p.l3_off + IP_SADDR_OFF, &r.saddr, 0).map_err(e)?;
     ctx.store(p.l4_off, &r.sport, 0).map_err(e)?;
     // The router's part (TTL, MACs) is the same as for a forwarded reply.
-    forward_tc(ctx, p, &r.dmac, &r.smac, cfg_flags)
+    forward_tc(ctx, p, r.dmac, r.smac, cfg_flags)
 }

@@ -3,7 +3,7 @@
 
 use aya_ebpf::programs::{TcContext, XdpContext};
 use core::mem::size_of;
-use lb_common::{Reason, PROTO_TCP, PROTO_UDP};
+use lb_common::{CtKey, Reason, PROTO_TCP, PROTO_UDP};
 
 /// Raw packet bounds of either program type.
 pub trait PacketBuf {
@@ -62,13 +62,19 @@ pub fn read_mac(src: *const [u8; 6]) -> [u8; 6] {
     }
 }
 
-/// Writes a MAC address into the packet byte by byte (see [`read_mac`]).
+/// Copies a MAC address into the packet as three 16-bit words: 6 instructions, where a
+/// byte-wise copy takes 12 and a `[u8; 6]` assignment becomes a memmove call. Both ends are
+/// 2-aligned: `src` is a field of a map value or of a copy of one (even offsets in 4-aligned
+/// structs, asserted in lb-common), and `dst` is in the Ethernet header, which drivers and
+/// BPF_PROG_TEST_RUN place at an even address (Cilium's `eth_store_daddr` makes the same
+/// word-sized packet stores).
 #[inline(always)]
-pub fn write_mac(dst: *mut [u8; 6], mac: &[u8; 6]) {
-    let d = dst as *mut u8;
+pub fn copy_mac(dst: *mut [u8; 6], src: &[u8; 6]) {
+    let d = dst as *mut u16;
+    let s = src.as_ptr() as *const u16;
     let mut i = 0;
-    while i < 6 {
-        unsafe { core::ptr::write_volatile(d.add(i), mac[i]) };
+    while i < 3 {
+        unsafe { core::ptr::write_volatile(d.add(i), s.add(i).read()) };
         i += 1;
     }
 }
@@ -118,6 +124,28 @@ pub struct Ports {
     pub dport: u16,
 }
 
+/// An IPv4 header without options and the 20-byte TCP header (what `parse` requires): a
+/// NAT rewrite's fields behind one bounds check.
+#[repr(C)]
+pub struct Ipv4TcpHead {
+    pub ip: Ipv4Hdr,
+    pub ports: Ports,
+    pub _seq_to_window: [u8; 12],
+    pub check: u16,
+    pub _urg: u16,
+}
+const _: () = assert!(size_of::<Ipv4TcpHead>() == IPV4_HLEN + TCP_HLEN);
+
+/// [`Ipv4TcpHead`] for UDP: the IPv4 header and the whole UDP header.
+#[repr(C)]
+pub struct Ipv4UdpHead {
+    pub ip: Ipv4Hdr,
+    pub ports: Ports,
+    pub _len: u16,
+    pub check: u16,
+}
+const _: () = assert!(size_of::<Ipv4UdpHead>() == IPV4_HLEN + UDP_HLEN);
+
 pub const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
 const IPV4_HLEN: usize = 20;
@@ -137,14 +165,12 @@ pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
 
 /// A parsed IPv4 TCP/UDP packet: offsets and the fields the pipeline needs (wire order).
+/// The 5-tuple is kept as the conntrack key it is looked up with, so the packet's fields
+/// sit on the stack once, already in the shape the map helpers take.
 pub struct Parsed {
     pub l3_off: usize,
     pub l4_off: usize,
-    pub saddr: u32,
-    pub daddr: u32,
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
+    pub key: CtKey,
     pub ttl: u8,
     pub tcp_flags: u8,
 }
@@ -152,7 +178,7 @@ pub struct Parsed {
 impl Parsed {
     #[inline(always)]
     pub fn is_syn(&self) -> bool {
-        self.proto == PROTO_TCP && self.tcp_flags & TCP_FLAG_SYN != 0
+        self.key.proto == PROTO_TCP && self.tcp_flags & TCP_FLAG_SYN != 0
     }
 
     /// May this packet start a flow? UDP: any packet. TCP: a SYN without ACK, the first
@@ -160,18 +186,18 @@ impl Parsed {
     /// began elsewhere (the kernel took its SYN, or it predates lbx).
     #[inline(always)]
     pub fn opens_flow(&self) -> bool {
-        self.proto != PROTO_TCP || self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+        self.key.proto != PROTO_TCP || self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
     }
 
     /// TCP FIN or RST: the connection is closing.
     #[inline(always)]
     pub fn is_fin_or_rst(&self) -> bool {
-        self.proto == PROTO_TCP && self.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0
+        self.key.proto == PROTO_TCP && self.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0
     }
 
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
-        self.l4_off + if self.proto == PROTO_TCP { TCP_CSUM_OFF } else { UDP_CSUM_OFF }
+        self.l4_off + if self.key.proto == PROTO_TCP { TCP_CSUM_OFF } else { UDP_CSUM_OFF }
     }
 }
 
@@ -231,11 +257,15 @@ pub fn parse<C: PacketBuf>(ctx: &C) -> Result<Parsed, Reason> {
     Ok(Parsed {
         l3_off,
         l4_off,
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport: ports.sport,
-        dport: ports.dport,
-        proto: ip.proto,
+        key: CtKey {
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            sport: ports.sport,
+            dport: ports.dport,
+            proto: ip.proto,
+            _pad0: 0,
+            _pad1: 0,
+        },
         ttl: ip.ttl,
         tcp_flags,
     })

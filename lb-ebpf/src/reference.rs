@@ -13,7 +13,7 @@ use crate::{lb, maps::CONNTRACK, parse::parse};
 #[xdp]
 pub fn lb_ref_ct_lookup(ctx: XdpContext) -> u32 {
     if let Ok(p) = parse(&ctx) {
-        if CONNTRACK.get_ptr_mut(&lb::ct_key(&p)).is_some() {
+        if CONNTRACK.get_ptr_mut(lb::ct_key(&p)).is_some() {
             return xdp_action::XDP_PASS;
         }
     }
@@ -23,8 +23,7 @@ pub fn lb_ref_ct_lookup(ctx: XdpContext) -> u32 {
 /// One `CONNTRACK` insert of a fresh key (random source address), then XDP_PASS: one of the
 /// two LRU inserts (`REVNAT`, `CONNTRACK`) that `ct_create` makes for every new flow.
 #[xdp]
-pub fn lb_ref_ct_insert(ctx: XdpContext) -> u32 {
-    let _ = ctx;
+pub fn lb_ref_ct_insert(_ctx: XdpContext) -> u32 {
     let key = lb_common::CtKey {
         saddr: unsafe { bpf_get_prandom_u32() },
         daddr: 0x0100_000a,

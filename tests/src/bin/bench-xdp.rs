@@ -59,7 +59,22 @@ struct Args {
     /// Conntrack (and reverse-NAT) entries.
     #[arg(long, default_value_t = 262_144)]
     ct_entries: u32,
+    /// Only these cases (default: all), e.g. `--cases new_flow` to profile one path with
+    /// `perf record -g`; empty_program always runs (the net column needs it).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(REFERENCE.iter().chain(&CASES)))]
+    cases: Vec<String>,
 }
+
+impl Args {
+    fn wants(&self, case: &str) -> bool {
+        case == "empty_program" || self.cases.is_empty() || self.cases.iter().any(|c| c == case)
+    }
+}
+
+/// The reference rows (harness, shortest path, map-operation references), in report order.
+const REFERENCE: [&str; 4] = ["empty_program", "floor", "ref_ct_lookup", "ref_ct_insert"];
+/// The cases the targets are about, in report order.
+const CASES: [&str; 3] = ["non_service", "ct_hit", "new_flow"];
 
 #[derive(Serialize)]
 struct Case {
@@ -304,63 +319,68 @@ fn prepare(n: u32, args: &Args) -> Result<Size> {
     })
 }
 
-/// One run of every case on one size: (case, ns per packet).
+/// One run of every selected case on one size: (case, ns per packet).
 fn round(sz: &mut Size, args: &Args) -> Result<Vec<(&'static str, f64)>> {
     let dp = &mut sz.dp;
     let r = args.repeat;
     let mut out = Vec::new();
     let (_, d) = dp.bench_pass(&sz.arp, r)?;
     out.push(("empty_program", d.as_nanos() as f64));
-    out.push((
-        "floor",
-        one_run(dp, &sz.arp, r, XDP_PASS, Reason::PassNotIpv4)?,
-    ));
-    out.push((
-        "non_service",
-        one_run(dp, &sz.non_service, r, XDP_PASS, Reason::PassNonService)?,
-    ));
-    ensure!(
-        dp.config()?.frontend_epoch == sz.ct_entry.1.frontend_epoch,
-        "ct_hit: the frontends changed, the entry would be checked again"
-    );
-    out.push((
-        "ct_hit",
-        one_run(dp, &sz.ct_pkt, r, XDP_REDIRECT, Reason::FwdLocal)?,
-    ));
-    // The same packet through parse and the CONNTRACK lookup alone (DROP if it missed).
-    let (v, d) = dp.bench_reference("lb_ref_ct_lookup", &sz.ct_pkt, r)?;
-    ensure!(
-        v == XDP_PASS,
-        "ref_ct_lookup: verdict {v} (the lookup missed)"
-    );
-    out.push(("ref_ct_lookup", d.as_nanos() as f64));
-
-    dp.flush_flows()?;
-    let before = stat(dp, Reason::FwdRemote)?;
-    let (v, d) = dp.bench_xdp(&sz.chain_pkt, CHAIN_REPEAT)?;
-    ensure!(v == XDP_REDIRECT, "new_flow chain: verdict {v}");
-    let fwd = stat(dp, Reason::FwdRemote)? - before;
-    let flows = dp.conntrack()?.len();
-    ensure!(
-        fwd == CHAIN_REPEAT as u64 && flows == CHAIN_REPEAT as usize,
-        "new_flow chain: {fwd} forwards and {flows} flows for {CHAIN_REPEAT} repeats (every repeat must be a new flow)"
-    );
-    out.push(("new_flow", d.as_nanos() as f64));
-    // One LRU insert per repeat into the emptied CONNTRACK (DROP if one failed), fewer
-    // repeats than a CPU's share of the map, so nothing is evicted (neither is in new_flow).
-    dp.flush_flows()?;
-    let (v, d) = dp.bench_reference("lb_ref_ct_insert", &sz.arp, REF_INSERT_REPEAT)?;
-    ensure!(
-        v == XDP_PASS,
-        "ref_ct_insert: verdict {v} (an insert failed)"
-    );
-    let flows = dp.conntrack()?.len();
-    // Random keys: a handful of the 100 000 may coincide.
-    ensure!(
-        flows as u32 >= REF_INSERT_REPEAT - REF_INSERT_REPEAT / 100,
-        "ref_ct_insert: {flows} entries after {REF_INSERT_REPEAT} inserts"
-    );
-    out.push(("ref_ct_insert", d.as_nanos() as f64));
+    if args.wants("floor") {
+        let ns = one_run(dp, &sz.arp, r, XDP_PASS, Reason::PassNotIpv4)?;
+        out.push(("floor", ns));
+    }
+    if args.wants("non_service") {
+        let ns = one_run(dp, &sz.non_service, r, XDP_PASS, Reason::PassNonService)?;
+        out.push(("non_service", ns));
+    }
+    if args.wants("ct_hit") {
+        ensure!(
+            dp.config()?.frontend_epoch == sz.ct_entry.1.frontend_epoch,
+            "ct_hit: the frontends changed, the entry would be checked again"
+        );
+        let ns = one_run(dp, &sz.ct_pkt, r, XDP_REDIRECT, Reason::FwdLocal)?;
+        out.push(("ct_hit", ns));
+    }
+    if args.wants("ref_ct_lookup") {
+        // The same packet through parse and the CONNTRACK lookup alone (DROP if it missed).
+        let (v, d) = dp.bench_reference("lb_ref_ct_lookup", &sz.ct_pkt, r)?;
+        ensure!(
+            v == XDP_PASS,
+            "ref_ct_lookup: verdict {v} (the lookup missed)"
+        );
+        out.push(("ref_ct_lookup", d.as_nanos() as f64));
+    }
+    if args.wants("new_flow") {
+        dp.flush_flows()?;
+        let before = stat(dp, Reason::FwdRemote)?;
+        let (v, d) = dp.bench_xdp(&sz.chain_pkt, CHAIN_REPEAT)?;
+        ensure!(v == XDP_REDIRECT, "new_flow chain: verdict {v}");
+        let fwd = stat(dp, Reason::FwdRemote)? - before;
+        let flows = dp.conntrack()?.len();
+        ensure!(
+            fwd == CHAIN_REPEAT as u64 && flows == CHAIN_REPEAT as usize,
+            "new_flow chain: {fwd} forwards and {flows} flows for {CHAIN_REPEAT} repeats (every repeat must be a new flow)"
+        );
+        out.push(("new_flow", d.as_nanos() as f64));
+    }
+    if args.wants("ref_ct_insert") {
+        // One LRU insert per repeat into the emptied CONNTRACK (DROP if one failed), fewer
+        // repeats than a CPU's share of the map, so nothing is evicted (neither is in new_flow).
+        dp.flush_flows()?;
+        let (v, d) = dp.bench_reference("lb_ref_ct_insert", &sz.arp, REF_INSERT_REPEAT)?;
+        ensure!(
+            v == XDP_PASS,
+            "ref_ct_insert: verdict {v} (an insert failed)"
+        );
+        let flows = dp.conntrack()?.len();
+        // Random keys: a handful of the 100 000 may coincide.
+        ensure!(
+            flows as u32 >= REF_INSERT_REPEAT - REF_INSERT_REPEAT / 100,
+            "ref_ct_insert: {flows} entries after {REF_INSERT_REPEAT} inserts"
+        );
+        out.push(("ref_ct_insert", d.as_nanos() as f64));
+    }
     // Restore the ct_hit fixed point's entry for the next round.
     dp.flush_flows()?;
     dp.set_conntrack(&sz.ct_entry.0, &sz.ct_entry.1)?;
@@ -390,26 +410,17 @@ fn main() -> Result<()> {
     }
     let mut cases = Vec::new();
     let mut reference = Vec::new();
-    for name in [
-        "empty_program",
-        "floor",
-        "ref_ct_lookup",
-        "ref_ct_insert",
-        "non_service",
-        "ct_hit",
-        "new_flow",
-    ] {
+    for name in REFERENCE.into_iter().chain(CASES) {
         for sz in &sizes {
-            let runs = samples[&(sz.n, name)].clone();
+            let Some(runs) = samples.get(&(sz.n, name)).cloned() else {
+                continue;
+            };
             let mut net: Vec<f64> = runs
                 .iter()
                 .zip(&samples[&(sz.n, "empty_program")])
                 .map(|(ns, empty)| ns - empty)
                 .collect();
-            let list = if matches!(
-                name,
-                "empty_program" | "floor" | "ref_ct_lookup" | "ref_ct_insert"
-            ) {
+            let list = if REFERENCE.contains(&name) {
                 &mut reference
             } else {
                 &mut cases
