@@ -72,7 +72,13 @@ impl Args {
 }
 
 /// The reference rows (harness, shortest path, map-operation references), in report order.
-const REFERENCE: [&str; 4] = ["empty_program", "floor", "ref_ct_lookup", "ref_ct_insert"];
+const REFERENCE: [&str; 5] = [
+    "empty_program",
+    "floor",
+    "ref_ct_lookup",
+    "ref_ct_insert",
+    "mem_random_read",
+];
 /// The cases the targets are about, in report order.
 const CASES: [&str; 3] = ["non_service", "ct_hit", "new_flow"];
 
@@ -84,8 +90,9 @@ struct Case {
     /// Every run's value, for the spread.
     runs_ns: Vec<f64>,
     /// Net of the harness: the median over rounds of (this case minus empty_program of the
-    /// same round and size). Not the cost a packet sees; `ns_per_packet` is.
-    net_ns_per_packet: f64,
+    /// same round and size). Not the cost a packet sees; `ns_per_packet` is. None for
+    /// mem_random_read, which runs no program.
+    net_ns_per_packet: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -209,8 +216,16 @@ struct Size {
 }
 
 const CHAIN_REPEAT: u32 = 4000;
-/// Inserts per ref_ct_insert run: below a CPU's share of CONNTRACK (262 144 / 2 CPUs here).
+/// Inserts per ref_ct_insert run (at most): below a CPU's share of CONNTRACK (262 144 / 2
+/// CPUs here), so nothing is evicted.
 const REF_INSERT_REPEAT: u32 = 100_000;
+
+/// ref_ct_insert's inserts for a CONNTRACK of `ct_entries`: [`REF_INSERT_REPEAT`], or half a
+/// CPU's share of a smaller table (`--ct-entries`, to see what the table's size costs).
+fn ref_insert_repeat(ct_entries: u32) -> u32 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    REF_INSERT_REPEAT.min(ct_entries / cpus / 2)
+}
 
 fn prepare(n: u32, args: &Args) -> Result<Size> {
     eprintln!("services = {n}");
@@ -320,7 +335,7 @@ fn prepare(n: u32, args: &Args) -> Result<Size> {
 }
 
 /// One run of every selected case on one size: (case, ns per packet).
-fn round(sz: &mut Size, args: &Args) -> Result<Vec<(&'static str, f64)>> {
+fn round(sz: &mut Size, args: &Args, chase: &Chase) -> Result<Vec<(&'static str, f64)>> {
     let dp = &mut sz.dp;
     let r = args.repeat;
     let mut out = Vec::new();
@@ -368,23 +383,69 @@ fn round(sz: &mut Size, args: &Args) -> Result<Vec<(&'static str, f64)>> {
         // One LRU insert per repeat into the emptied CONNTRACK (DROP if one failed), fewer
         // repeats than a CPU's share of the map, so nothing is evicted (neither is in new_flow).
         dp.flush_flows()?;
-        let (v, d) = dp.bench_reference("lb_ref_ct_insert", &sz.arp, REF_INSERT_REPEAT)?;
+        let inserts = ref_insert_repeat(args.ct_entries);
+        let (v, d) = dp.bench_reference("lb_ref_ct_insert", &sz.arp, inserts)?;
         ensure!(
             v == XDP_PASS,
             "ref_ct_insert: verdict {v} (an insert failed)"
         );
         let flows = dp.conntrack()?.len();
-        // Random keys: a handful of the 100 000 may coincide.
+        // Random keys: a handful may coincide.
         ensure!(
-            flows as u32 >= REF_INSERT_REPEAT - REF_INSERT_REPEAT / 100,
-            "ref_ct_insert: {flows} entries after {REF_INSERT_REPEAT} inserts"
+            flows as u32 >= inserts - inserts / 100,
+            "ref_ct_insert: {flows} entries after {inserts} inserts"
         );
         out.push(("ref_ct_insert", d.as_nanos() as f64));
+    }
+    if args.wants("mem_random_read") {
+        out.push(("mem_random_read", chase.ns_per_read()));
     }
     // Restore the ct_hit fixed point's entry for the next round.
     dp.flush_flows()?;
     dp.set_conntrack(&sz.ct_entry.0, &sz.ct_entry.1)?;
     Ok(out)
+}
+
+/// Bytes of the mem_random_read buffer: twice this machine's L3 (32 MiB), so reads miss.
+const CHASE_BYTES: usize = 64 << 20;
+/// Reads per mem_random_read sample.
+const CHASE_READS: usize = 2_000_000;
+
+/// mem_random_read: one dependent read at a random place of a buffer larger than the
+/// last-level cache, from userspace. A new flow's map inserts land at random places of
+/// tables this large (CONNTRACK and REVNAT are 262 144 entries each), so this is the
+/// memory floor under ref_ct_insert and new_flow on this machine.
+struct Chase {
+    next: Vec<u32>,
+}
+
+impl Chase {
+    /// One cycle through every slot in random order (Sattolo's shuffle), so each read
+    /// depends on the one before and no prefetcher can guess it.
+    fn new(bytes: usize) -> Self {
+        let n = bytes / std::mem::size_of::<u32>();
+        let mut next: Vec<u32> = (0..n as u32).collect();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for i in (1..n).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let j = (x % i as u64) as usize;
+            next.swap(i, j);
+        }
+        Chase { next }
+    }
+
+    fn ns_per_read(&self) -> f64 {
+        let mut at = 0u32;
+        let started = Instant::now();
+        for _ in 0..CHASE_READS {
+            at = self.next[at as usize];
+        }
+        let ns = started.elapsed().as_nanos() as f64;
+        std::hint::black_box(at);
+        ns / CHASE_READS as f64
+    }
 }
 
 fn main() -> Result<()> {
@@ -399,10 +460,11 @@ fn main() -> Result<()> {
         .iter()
         .map(|&n| prepare(n, &args))
         .collect::<Result<Vec<_>>>()?;
+    let chase = Chase::new(CHASE_BYTES);
     let mut samples: std::collections::BTreeMap<(u32, &'static str), Vec<f64>> = Default::default();
     for r in 0..args.runs {
         for sz in sizes.iter_mut() {
-            for (case, ns) in round(sz, &args)? {
+            for (case, ns) in round(sz, &args, &chase)? {
                 samples.entry((sz.n, case)).or_default().push(ns);
             }
         }
@@ -415,11 +477,14 @@ fn main() -> Result<()> {
             let Some(runs) = samples.get(&(sz.n, name)).cloned() else {
                 continue;
             };
-            let mut net: Vec<f64> = runs
-                .iter()
-                .zip(&samples[&(sz.n, "empty_program")])
-                .map(|(ns, empty)| ns - empty)
-                .collect();
+            let net = (name != "mem_random_read").then(|| {
+                let mut net: Vec<f64> = runs
+                    .iter()
+                    .zip(&samples[&(sz.n, "empty_program")])
+                    .map(|(ns, empty)| ns - empty)
+                    .collect();
+                median(&mut net)
+            });
             let list = if REFERENCE.contains(&name) {
                 &mut reference
             } else {
@@ -430,21 +495,24 @@ fn main() -> Result<()> {
                 services: sz.n,
                 ns_per_packet: median(&mut runs.clone()),
                 runs_ns: runs,
-                net_ns_per_packet: median(&mut net),
+                net_ns_per_packet: net,
             });
         }
     }
 
     println!(
-        "{:<14} {:>9} {:>12} {:>10} {:>10} {:>16}",
+        "{:<15} {:>9} {:>12} {:>10} {:>10} {:>16}",
         "case", "services", "ns/packet", "min", "max", "net of harness"
     );
     for c in reference.iter().chain(&cases) {
         let min = c.runs_ns.iter().cloned().fold(f64::MAX, f64::min);
         let max = c.runs_ns.iter().cloned().fold(0.0, f64::max);
+        let net = c
+            .net_ns_per_packet
+            .map_or_else(|| "-".to_string(), |n| format!("{n:.1}"));
         println!(
-            "{:<14} {:>9} {:>12.1} {:>10.1} {:>10.1} {:>16.1}",
-            c.name, c.services, c.ns_per_packet, min, max, c.net_ns_per_packet
+            "{:<15} {:>9} {:>12.1} {:>10.1} {:>10.1} {:>16}",
+            c.name, c.services, c.ns_per_packet, min, max, net
         );
     }
     let growth = |name: &str| {
