@@ -581,6 +581,129 @@ fn connections_the_kernel_carries_stay_with_it_when_lbx_takes_over() {
     assert_no_errors(&lab, 0);
 }
 
+/// Does any string in `v` name `addr` (alone or as `addr:port`)?
+fn mentions(v: &serde_json::Value, addr: &str) -> bool {
+    match v {
+        serde_json::Value::String(s) => {
+            s == addr
+                || s.strip_prefix(addr)
+                    .is_some_and(|rest| rest.starts_with(':'))
+        }
+        serde_json::Value::Array(a) => a.iter().any(|x| mentions(x, addr)),
+        serde_json::Value::Object(o) => o.values().any(|x| mentions(x, addr)),
+        _ => false,
+    }
+}
+
+/// A SYN lbx cannot SNAT (the only port of its range towards the backend is taken) is the
+/// kernel's: with a kube-proxy-like DNAT + masquerade rule on the node, the connection is
+/// carried by netfilter from its SYN on, and its later packets stay there
+/// (`pass_snat_exhausted`, then `pass_mid_stream`), while lbx's own flow keeps its port.
+#[test]
+fn snat_exhausted_connections_go_through_the_kernel() {
+    let lab = Lab::start(LabSpec {
+        dedicated_snat: true,
+        agent_args: vec!["--snat-ports".into(), "40000-40000".into()],
+        ..LabSpec::default()
+    })
+    .unwrap_or_else(|e| panic!("starting the lab: {}", e));
+    let node0 = lab.node_addr(0);
+    let ns = lab.topology().node_ns(0).to_string();
+    let remote = lab
+        .pods()
+        .into_iter()
+        .find(|p| p.node == 1)
+        .expect("a pod on node 1");
+    let remote_ip = ok("pod address", lab.pod_addr(remote));
+    let (port, target) = (TCP_NODE_PORT, TCP_TARGET_PORT);
+    for rule in [
+        format!("-t nat -A PREROUTING -p tcp -d {node0} --dport {port} -j DNAT --to-destination {remote_ip}:{target}"),
+        format!("-t nat -A POSTROUTING -p tcp -d {remote_ip} --dport {target} -j MASQUERADE"),
+    ] {
+        let args: Vec<&str> = std::iter::once("iptables").chain(rule.split(' ')).collect();
+        if let Err(e) = lb_tests::netns::run(&ns, &args) {
+            panic!("iptables {rule} in {ns}: {e}");
+        }
+    }
+
+    // Only the remote pod is lbx's backend: every lbx flow from node 0 is SNATed, through
+    // the one port. The first connection lbx carries keeps it.
+    ok(
+        "config",
+        lab.set_endpoints(0, &[EndpointSpec::ready(remote)]),
+    );
+    let deadline = lab.resync() * 4 + Duration::from_secs(10);
+    let others: Vec<String> = lab
+        .pods()
+        .into_iter()
+        .filter(|&p| p != remote)
+        .map(|p| ok("pod address", lab.pod_addr(p)).to_string())
+        .collect();
+    let start = Instant::now();
+    loop {
+        assert!(
+            start.elapsed() < deadline,
+            "node 0's agent never dropped the other pods"
+        );
+        let targets = ok("lb-user targets", lab.targets(0));
+        if mentions(&targets, &remote_ip.to_string())
+            && !others.iter().any(|o| mentions(&targets, o))
+        {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    let mut held = with_counters(&lab, "lbx's connection", lab.connect(node0, port));
+    let held_first = with_counters(&lab, "lbx's connection: first request", held.get());
+    assert_eq!(held_first.pod, remote, "lbx's flow: {held_first:?}");
+    assert_eq!(
+        *held_first.client_seen.ip(),
+        lab.snat_addr(0),
+        "lbx's flow: {held_first:?}"
+    );
+    assert_eq!(
+        held_first.client_seen.port(),
+        40000,
+        "lbx's flow: {held_first:?}"
+    );
+
+    // The next connections find the port taken: the kernel carries them, from the SYN on.
+    let before = counters(&lab, 0);
+    for i in 0..3 {
+        let mut conn = with_counters(
+            &lab,
+            format!("connection {i} while the SNAT port is taken"),
+            lab.connect(node0, port),
+        );
+        let first = with_counters(&lab, format!("connection {i}: first request"), conn.get());
+        assert_eq!(first.pod, remote, "connection {i}: {first:?}");
+        assert_ne!(
+            *first.client_seen.ip(),
+            lab.snat_addr(0),
+            "connection {i} went through lbx's SNAT: {first:?}"
+        );
+        for r in 0..3 {
+            check_same(&mut conn, &first, &format!("connection {i}, request {r}"));
+        }
+    }
+    let after = counters(&lab, 0);
+    let exhausted = delta(&after, &before, "pass_snat_exhausted");
+    assert_eq!(exhausted, 3, "one passed SYN per connection: {after:?}");
+    let mid = delta(&after, &before, "pass_mid_stream");
+    assert!(
+        mid >= 3 * 4,
+        "the connections' later packets: pass_mid_stream grew by {mid}: {after:?}"
+    );
+    // lbx's own flow is untouched.
+    check_same(
+        &mut held,
+        &held_first,
+        "lbx's flow after the kernel's connections",
+    );
+    assert_no_errors(&lab, 0);
+    assert_no_errors(&lab, 1);
+}
+
 #[test]
 fn teardown_leaves_nothing_behind() {
     // Explicit shutdown: also checks the agent's SIGTERM contract (exit 0, XDP detached,

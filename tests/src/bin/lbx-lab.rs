@@ -65,8 +65,6 @@ const SCALE_NS: &str = "scale";
 const MANAGED_BY: &str = "lbx-lab.lbx.io";
 /// Extra Service i gets externalIP 198.18.0.0 + i + 1 (the benchmarking range, RFC 2544).
 const EXTERNAL_IP_BASE: u32 = u32::from_be_bytes([198, 18, 0, 0]);
-/// The agents' `--snat-ports` in the lab: every port, as their SNAT address is their own.
-const SNAT_PORTS: &str = "1024-65535";
 /// Each path's load comes from its own client address (added to the client namespace), so
 /// no TCP tuple is shared between paths: a port reused across paths within seconds would
 /// meet the pod's TIME_WAIT (with another path's timestamps) or a closing flow of lbx.
@@ -159,6 +157,12 @@ struct LabArgs {
     /// default `iptables`, much slower to sync 10 000 Services).
     #[arg(long, value_enum, default_value_t = IptablesBackend::Legacy)]
     iptables_backend: IptablesBackend,
+    /// The agents' `--snat-ports`. Default: every port, as their SNAT address is their own
+    /// (a closed flow's port stays taken for 120 s, so thousands of new connections per
+    /// second need more than the agent's default 4 536). A small range shows what happens
+    /// when they run out: those SYNs are the kernel's (`pass_snat_exhausted`).
+    #[arg(long, default_value = "1024-65535", value_name = "MIN-MAX")]
+    snat_ports: String,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -387,11 +391,8 @@ impl Cluster {
                 max_services.to_string(),
                 "--maglev-size".into(),
                 maglev.to_string(),
-                // SNAT ports per remote backend: a closed flow's port stays taken for 120 s
-                // (TIME_WAIT), so thousands of new connections per second need more than
-                // the default 4 536 (else they fall back to the kernel).
                 "--snat-ports".into(),
-                SNAT_PORTS.into(),
+                args.snat_ports.clone(),
             ],
             ..LabSpec::default()
         };
