@@ -21,6 +21,8 @@
 //!   ct_hit packet through parse and one CONNTRACK lookup, and one CONNTRACK insert of a
 //!   fresh key (ct_create makes two such inserts per new flow, REVNAT and CONNTRACK). They
 //!   show how much of ct_hit and new_flow is the kernel's LRU hash code.
+//! - mem_random_read: no program; one dependent read at a random place of a 64 MiB buffer
+//!   from userspace, what touching memory no recent packet touched costs on this machine.
 //!
 //! `ns_per_packet` is the gross cost per BPF_PROG_TEST_RUN repeat (harness included), the
 //! number the targets are about. `net_ns_per_packet` (the "net of harness" column) is the
