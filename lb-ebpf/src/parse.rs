@@ -66,8 +66,8 @@ pub fn read_mac(src: *const [u8; 6]) -> [u8; 6] {
 /// byte-wise copy takes 12 and a `[u8; 6]` assignment becomes a memmove call. Both ends are
 /// 2-aligned: `src` is a field of a map value or of a copy of one (even offsets in 4-aligned
 /// structs, asserted in lb-common), and `dst` is in the Ethernet header, which drivers and
-/// BPF_PROG_TEST_RUN place at an even address (Cilium's `eth_store_daddr` makes the same
-/// word-sized packet stores).
+/// BPF_PROG_TEST_RUN place at an even address. (Cilium keeps its MACs in a 4-aligned
+/// `union macaddr` for the same reason: so the copy into the packet need not go byte by byte.)
 #[inline(always)]
 pub fn copy_mac(dst: *mut [u8; 6], src: &[u8; 6]) {
     let d = dst as *mut u16;
