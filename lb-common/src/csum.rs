@@ -39,12 +39,6 @@ pub const fn replace2(check: u16, old: u16, new: u16) -> u16 {
     apply(check, diff2(old, new))
 }
 
-/// Checksum after one 32-bit field changed from `old` to `new` (e.g. an IPv4 address).
-#[inline(always)]
-pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
-    apply(check, diff4(old, new))
-}
-
 /// UDP counterpart of [`apply`]: a zero checksum means "none" and stays zero; a computed
 /// zero is sent as 0xffff.
 #[inline(always)]
@@ -74,7 +68,7 @@ mod tests {
     }
 
     #[test]
-    fn replace4_matches_recompute() {
+    fn diff4_matches_recompute() {
         let mut words = [
             0x4500u16, 0x0054, 0x1c46, 0x4000, 0x4006, 0, 0xac10, 0x0a63, 0xac10, 0x0a0c,
         ];
@@ -83,7 +77,7 @@ mod tests {
         words[8] = 0x0a00;
         words[9] = 0x0105;
         let new = (words[8] as u32) | ((words[9] as u32) << 16);
-        assert_eq!(replace4(before, old, new), full(&words));
+        assert_eq!(apply(before, diff4(old, new)), full(&words));
     }
 
     #[test]
@@ -106,7 +100,7 @@ mod tests {
     }
 
     /// Several fields changed at once, applied as one summed diff, against a recompute and
-    /// against one replace per field.
+    /// against one apply per field.
     #[test]
     fn summed_diffs_match_recompute_and_per_field_replaces() {
         let mut x: u32 = 777;
@@ -133,7 +127,7 @@ mod tests {
                 diff4(old_a, new_a) + diff4(old_b, new_b) + diff2(old_p, new_p),
             );
             let stepwise = replace2(
-                replace4(replace4(before, old_a, new_a), old_b, new_b),
+                apply(apply(before, diff4(old_a, new_a)), diff4(old_b, new_b)),
                 old_p,
                 new_p,
             );

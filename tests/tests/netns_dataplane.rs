@@ -491,6 +491,24 @@ fn established_flows_survive_backend_changes_and_terminating_pods() {
     assert_no_errors(&lab, 0);
 }
 
+/// A kube-proxy-like rule pair in node `node`'s netfilter: its TCP nodePort DNATed to
+/// `pod_ip`'s target port, masqueraded on the way there. What the kernel does with the
+/// connections lbx leaves to it.
+fn kernel_nodeport_nat(lab: &Lab, node: usize, pod_ip: Ipv4Addr) {
+    let ns = lab.topology().node_ns(node);
+    let addr = lab.node_addr(node);
+    let (port, target) = (TCP_NODE_PORT, TCP_TARGET_PORT);
+    for rule in [
+        format!("-t nat -A PREROUTING -p tcp -d {addr} --dport {port} -j DNAT --to-destination {pod_ip}:{target}"),
+        format!("-t nat -A POSTROUTING -p tcp -d {pod_ip} --dport {target} -j MASQUERADE"),
+    ] {
+        let args: Vec<&str> = std::iter::once("iptables").chain(rule.split(' ')).collect();
+        if let Err(e) = lb_tests::netns::run(ns, &args) {
+            panic!("iptables {rule} in {ns}: {e}");
+        }
+    }
+}
+
 /// A connection the kernel carries (here a kube-proxy-like DNAT + masquerade rule in node
 /// 0's netfilter, while lbx has no backend for the Service) keeps working when lbx takes the
 /// Service over: lbx starts TCP flows only at a SYN, so the connection's next packets stay
@@ -500,19 +518,9 @@ fn established_flows_survive_backend_changes_and_terminating_pods() {
 fn connections_the_kernel_carries_stay_with_it_when_lbx_takes_over() {
     let lab = start_lab();
     let node0 = lab.node_addr(0);
-    let ns = lab.topology().node_ns(0).to_string();
     let pod = PodId::new(0, 0);
     let pod_ip = ok("pod address", lab.pod_addr(pod));
-    let (port, target) = (TCP_NODE_PORT, TCP_TARGET_PORT);
-    for rule in [
-        format!("-t nat -A PREROUTING -p tcp -d {node0} --dport {port} -j DNAT --to-destination {pod_ip}:{target}"),
-        format!("-t nat -A POSTROUTING -p tcp -d {pod_ip} --dport {target} -j MASQUERADE"),
-    ] {
-        let args: Vec<&str> = std::iter::once("iptables").chain(rule.split(' ')).collect();
-        if let Err(e) = lb_tests::netns::run(&ns, &args) {
-            panic!("iptables {rule} in {ns}: {e}");
-        }
-    }
+    kernel_nodeport_nat(&lab, 0, pod_ip);
 
     // No endpoints for lbx: the SYN is the kernel's, and so is the connection.
     ok("config", lab.set_endpoints(0, &[]));
@@ -608,23 +616,14 @@ fn snat_exhausted_connections_go_through_the_kernel() {
     })
     .unwrap_or_else(|e| panic!("starting the lab: {}", e));
     let node0 = lab.node_addr(0);
-    let ns = lab.topology().node_ns(0).to_string();
     let remote = lab
         .pods()
         .into_iter()
         .find(|p| p.node == 1)
         .expect("a pod on node 1");
     let remote_ip = ok("pod address", lab.pod_addr(remote));
-    let (port, target) = (TCP_NODE_PORT, TCP_TARGET_PORT);
-    for rule in [
-        format!("-t nat -A PREROUTING -p tcp -d {node0} --dport {port} -j DNAT --to-destination {remote_ip}:{target}"),
-        format!("-t nat -A POSTROUTING -p tcp -d {remote_ip} --dport {target} -j MASQUERADE"),
-    ] {
-        let args: Vec<&str> = std::iter::once("iptables").chain(rule.split(' ')).collect();
-        if let Err(e) = lb_tests::netns::run(&ns, &args) {
-            panic!("iptables {rule} in {ns}: {e}");
-        }
-    }
+    kernel_nodeport_nat(&lab, 0, remote_ip);
+    let port = TCP_NODE_PORT;
 
     // Only the remote pod is lbx's backend: every lbx flow from node 0 is SNATed, through
     // the one port. The first connection lbx carries keeps it.
