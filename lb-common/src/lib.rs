@@ -16,6 +16,7 @@
 
 pub mod csum;
 pub mod hash;
+pub mod maps;
 pub mod stats;
 
 pub use stats::Reason;
@@ -29,6 +30,21 @@ pub const BACKEND_ID_NONE: u32 = 0;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+
+/// An IP protocol as Kubernetes spells the ones frontends have ("TCP", "UDP"), else its
+/// number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProtoName(pub u8);
+
+impl core::fmt::Display for ProtoName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            PROTO_TCP => f.write_str("TCP"),
+            PROTO_UDP => f.write_str("UDP"),
+            other => write!(f, "{other}"),
+        }
+    }
+}
 
 /// IPv4 address (wire order) as map keys hold it.
 #[inline(always)]

@@ -15,6 +15,10 @@ macro_rules! reasons {
             pub const fn name(self) -> &'static str {
                 match self { $(Reason::$name => $label,)* }
             }
+            /// What the reason means: its doc comment (each line starts with a space).
+            pub const fn describe(self) -> &'static str {
+                match self { $(Reason::$name => concat!($($doc),*),)* }
+            }
         }
     };
 }

@@ -14,11 +14,13 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use kube::runtime::reflector;
 use kube::runtime::watcher::Event;
 use lb_common::{Backend, Frontend, FrontendKey};
-use lb_user::agent::slim::SlimEndpointSlice;
-use lb_user::agent::state::AgentState;
-use lb_user::agent::watch::{trim_service, trim_slice, Stores};
-use lb_user::model::BackendSpec;
-use lb_user::reconcile::{Delivery, MapWriter, ReconcileConfig, Reconciler, Resolver, WriteError};
+use lb_user::control::model::BackendSpec;
+use lb_user::control::reconcile::{
+    Delivery, MapWriter, ReconcileConfig, Reconciler, Resolver, WriteError,
+};
+use lb_user::k8s::slim::SlimEndpointSlice;
+use lb_user::k8s::state::AgentState;
+use lb_user::k8s::watch::{trim_service, trim_slice, Stores};
 use serde_json::json;
 
 struct Counting;

@@ -11,14 +11,25 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_common::{DEFAULT_MAGLEV_SIZE, PROTO_TCP, PROTO_UDP};
-use lb_user::agent::{self, AgentOptions};
-use lb_user::dataplane::{DataplaneOptions, XdpModeChoice};
-use lb_user::inspect::{
-    self, CountersReport, Explanation, FlowRow, FrontendTargets, Located, MapsView, PinnedMaps,
-    Probe,
+use lb_user::bpf::{
+    dataplane::{DataplaneOptions, XdpModeChoice},
+    maps::Maps,
+    netdev, pins,
+    sandbox::Hook,
 };
-use lb_user::runtime::{NodeOptions, PortRange};
-use lb_user::standalone_run::{self, StandaloneOptions};
+use lb_user::inspect::{
+    self,
+    explain::explain,
+    flows::FlowRow,
+    packet::{Probe, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
+    render,
+    targets::FrontendTargets,
+};
+use lb_user::k8s::{
+    agent::{self, AgentOptions},
+    standalone::{self, StandaloneOptions},
+};
+use lb_user::node::options::{NodeOptions, PortRange};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -43,7 +54,9 @@ enum Command {
     Conntrack(ReadArgs),
     /// Per frontend, its backends with state, location and share of new flows.
     Targets(ReadArgs),
-    /// Predict, step by step, what the XDP program does with one packet.
+    /// What the data plane does with one packet: it runs through the real program against
+    /// the instance's maps (which are not written), and the verdict, reason, rewritten packet
+    /// and map entries read and written are shown.
     Explain(ExplainArgs),
 }
 
@@ -189,13 +202,41 @@ struct ExplainArgs {
     to: SocketAddrV4,
     #[arg(long, value_enum, default_value_t = Proto::Tcp)]
     proto: Proto,
-    /// Treat the packet as a TCP SYN. Only a SYN starts a TCP flow that has no entry
+    /// Send a TCP SYN (a new connection). Only a SYN starts a TCP flow that has no entry
     /// (without it, such a packet is left to the kernel), and a SYN on a tracked flow whose
-    /// backend is terminating reselects.
-    #[arg(long)]
+    /// backend is terminating reselects. Without --syn or --tcp-flags: an ACK.
+    #[arg(long, conflicts_with = "tcp_flags")]
     syn: bool,
+    /// TCP flags as letters: S (SYN), A (ACK), F (FIN), R (RST), P (PSH), e.g. SA or FA.
+    #[arg(long, value_name = "LETTERS", value_parser = parse_tcp_flags)]
+    tcp_flags: Option<u8>,
+    /// The packet is a local pod's reply: it goes through lb_reply (TC on the pod's veth)
+    /// instead of lb_ingress (XDP on the NIC).
+    #[arg(long)]
+    reply: bool,
+    #[arg(long, default_value_t = 64)]
+    ttl: u8,
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
     output: Output,
+}
+
+/// TCP flag letters (S, A, F, R, P) as the flags byte.
+fn parse_tcp_flags(s: &str) -> Result<u8, String> {
+    s.chars().try_fold(0u8, |flags, c| {
+        let bit = match c.to_ascii_uppercase() {
+            'S' => TCP_SYN,
+            'A' => TCP_ACK,
+            'F' => TCP_FIN,
+            'R' => TCP_RST,
+            'P' => TCP_PSH,
+            _ => {
+                return Err(format!(
+                    "{c:?} is not a TCP flag; use S, A, F, R, P (e.g. SA)"
+                ))
+            }
+        };
+        Ok(flags | bit)
+    })
 }
 
 /// `IPv4:PORT`, with a message that shows the expected form.
@@ -254,7 +295,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config: a.config,
                 resync: Duration::from_millis(a.resync_ms),
             };
-            Ok(standalone_run::run(&opts)?)
+            Ok(standalone::run(&opts)?)
         }
         Command::Agent(a) => {
             let opts = AgentOptions {
@@ -267,32 +308,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(agent::run(opts)?)
         }
         Command::Counters(a) => {
-            let maps = open(&a.instance)?;
-            let report = inspect::counters(&maps)?;
-            emit(a.output, &report, || counters_table(&report))
+            let (_, maps) = open(&a.instance)?;
+            let report = inspect::counters::counters(&maps)?;
+            emit(a.output, &report, || render::counters_table(&report))
         }
         Command::Conntrack(a) => {
-            let maps = open(&a.instance)?;
-            let rows = inspect::flows(&maps)?;
+            let (located, maps) = open(&a.instance)?;
+            let rows = inspect::flows::flows(&maps)?;
             if a.output == Output::Table && rows.is_empty() {
-                eprintln!("No flows tracked in {}.", maps.dir().display());
+                eprintln!("No flows tracked in {}.", located.pin_dir.display());
                 return Ok(());
             }
-            emit(a.output, &FlowsDoc { flows: &rows }, || flows_table(&rows))
+            emit(a.output, &FlowsDoc { flows: &rows }, || {
+                render::flows_table(&rows)
+            })
         }
         Command::Targets(a) => {
-            let maps = open(&a.instance)?;
-            let fes = inspect::targets(&maps)?;
+            let (located, maps) = open(&a.instance)?;
+            let fes = inspect::targets::targets(&maps)?;
             if a.output == Output::Table && fes.is_empty() {
-                eprintln!("No frontends in {}.", maps.dir().display());
+                eprintln!("No frontends in {}.", located.pin_dir.display());
                 return Ok(());
             }
             emit(a.output, &TargetsDoc { frontends: &fes }, || {
-                targets_table(&fes)
+                render::targets_table(&fes)
             })
         }
         Command::Explain(a) => {
-            let maps = open(&a.instance)?;
+            let (located, _) = open(&a.instance)?;
             let probe = Probe {
                 from: a.from,
                 to: a.to,
@@ -300,10 +343,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     Proto::Tcp => PROTO_TCP,
                     Proto::Udp => PROTO_UDP,
                 },
-                syn: a.syn,
+                tcp_flags: match (a.syn, a.tcp_flags) {
+                    (true, _) => TCP_SYN,
+                    (false, Some(flags)) => flags,
+                    (false, None) => TCP_ACK,
+                },
+                src_mac: [0x02, 0, 0, 0, 0, 0x01],
+                dst_mac: [0x02, 0, 0, 0, 0, 0x02],
+                ttl: a.ttl,
             };
-            let e = inspect::explain(&maps, &probe, inspect::monotonic_ns())?;
-            emit(a.output, &e, || explain_table(&e, &|i| inspect::ifname(i)))
+            let hook = if a.reply { Hook::Reply } else { Hook::Ingress };
+            let e = explain(&located.open_path, hook, &probe.frame())?;
+            emit(a.output, &e, || render::explain_table(&e, &netdev::ifname))
         }
     }
 }
@@ -320,12 +371,11 @@ struct TargetsDoc<'a> {
     frontends: &'a [FrontendTargets],
 }
 
-fn open(target: &InstanceArgs) -> anyhow::Result<PinnedMaps> {
-    let located: Located = inspect::locate(target.pin_dir.as_deref(), target.node_name.as_deref())?;
-    let maps = PinnedMaps::open(&located)?;
-    // Fail early, with the pin dir in the message, if the maps cannot be read.
-    maps.config()?;
-    Ok(maps)
+/// The instance `target` names, and its maps.
+fn open(target: &InstanceArgs) -> anyhow::Result<(pins::Located, Maps)> {
+    let located = pins::locate(target.pin_dir.as_deref(), target.node_name.as_deref())?;
+    let maps = inspect::open(&located)?;
+    Ok((located, maps))
 }
 
 /// Prints one JSON document or a table; a closed stdout (`| head`) is not an error.
@@ -345,162 +395,9 @@ fn emit<T: serde::Serialize>(
     }
 }
 
-/// kubectl-style columns: left-aligned, three spaces apart, no trailing blanks.
-fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let header: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
-    for row in std::iter::once(&header).chain(rows) {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            if i > 0 {
-                line.push_str("   ");
-            }
-            line.push_str(cell);
-            if i + 1 < row.len() {
-                let pad = widths[i].saturating_sub(cell.chars().count());
-                line.extend(std::iter::repeat_n(' ', pad));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
-}
-
-fn counters_table(r: &CountersReport) -> String {
-    let mut rows: Vec<Vec<String>> = r
-        .counters
-        .iter()
-        .map(|c| vec![c.reason.name().to_string(), c.count.to_string()])
-        .collect();
-    rows.push(vec!["total".into(), r.total.to_string()]);
-    render_table(&["REASON", "PACKETS"], &rows)
-}
-
-fn flows_table(rows: &[FlowRow]) -> String {
-    let rows: Vec<Vec<String>> = rows
-        .iter()
-        .map(|f| {
-            vec![
-                f.client.to_string(),
-                f.frontend.to_string(),
-                f.proto.clone(),
-                f.backend
-                    .map(|b| b.to_string())
-                    .unwrap_or_else(|| "<gone>".into()),
-                f.backend_id.to_string(),
-                f.service_id.to_string(),
-                f.snat_port
-                    .map(|p| p.to_string())
-                    .unwrap_or_else(|| "-".into()),
-            ]
-        })
-        .collect();
-    render_table(
-        &[
-            "CLIENT",
-            "FRONTEND",
-            "PROTO",
-            "BACKEND",
-            "BACKEND-ID",
-            "SLOT",
-            "SNAT-PORT",
-        ],
-        &rows,
-    )
-}
-
-fn targets_table(fes: &[FrontendTargets]) -> String {
-    let mut rows = Vec::new();
-    for fe in fes {
-        let frontend = fe.label();
-        let mut notes = Vec::new();
-        if let Some(t) = fe.affinity_timeout_s {
-            notes.push(format!("affinity {t}s"));
-        }
-        if fe.local_only {
-            notes.push("local-only".to_string());
-        }
-        let notes = if notes.is_empty() {
-            "-".into()
-        } else {
-            notes.join(",")
-        };
-        if fe.targets.is_empty() {
-            rows.push(vec![
-                frontend.clone(),
-                fe.proto.clone(),
-                fe.service_id.to_string(),
-                "<none>".into(),
-                "-".into(),
-                "no-backends".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                notes.clone(),
-            ]);
-        }
-        for t in &fe.targets {
-            rows.push(vec![
-                frontend.clone(),
-                fe.proto.clone(),
-                fe.service_id.to_string(),
-                t.backend
-                    .map(|b| b.to_string())
-                    .unwrap_or_else(|| "<empty slot>".into()),
-                t.id.to_string(),
-                t.state.to_string(),
-                t.location.unwrap_or("-").to_string(),
-                format!("{:.1}%", t.share_pct),
-                t.flows.to_string(),
-                notes.clone(),
-            ]);
-        }
-    }
-    render_table(
-        &[
-            "FRONTEND", "PROTO", "SLOT", "BACKEND", "ID", "STATE", "LOCATION", "SHARE", "FLOWS",
-            "NOTES",
-        ],
-        &rows,
-    )
-}
-
-fn explain_table(e: &Explanation, ifname: &dyn Fn(u32) -> Option<String>) -> String {
-    let mut out = format!("PACKET   {}\n", e.packet);
-    let rows: Vec<Vec<String>> = e
-        .steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| vec![format!("{}.", i + 1), s.step.to_string(), s.outcome.clone()])
-        .collect();
-    out.push_str(&render_table(&["#", "STEP", "OUTCOME"], &rows));
-    let mut verdict = format!("VERDICT  {} ({})", e.action, e.reason.name());
-    if let Some((src, dst)) = e.rewritten {
-        verdict.push_str(&format!(" as {src} -> {dst}"));
-    }
-    if let Some(i) = e.out_ifindex {
-        match ifname(i) {
-            Some(name) => verdict.push_str(&format!(" out {name} (ifindex {i})")),
-            None => verdict.push_str(&format!(" out ifindex {i}")),
-        }
-    }
-    out.push_str(&verdict);
-    out.push('\n');
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_common::Reason;
-    use lb_user::inspect::{Counter, Step, Target, TargetState};
 
     #[test]
     fn endpoints_parse_ipv4_with_port_only() {
@@ -663,152 +560,5 @@ mod tests {
         let io = || std::io::Error::other("inner");
         assert_eq!(error_chain(&Embeds { source: io() }.into()), "outer: inner");
         assert_eq!(error_chain(&Chains { source: io() }.into()), "outer: inner");
-    }
-
-    #[test]
-    fn tables_align_columns_without_trailing_blanks() {
-        let t = render_table(
-            &["A", "LONG-HEADER", "C"],
-            &[
-                vec!["xxxx".into(), "y".into(), "z".into()],
-                vec!["1".into(), "2".into(), "".into()],
-            ],
-        );
-        assert_eq!(
-            t,
-            "A      LONG-HEADER   C\nxxxx   y             z\n1      2\n"
-        );
-    }
-
-    #[test]
-    fn counters_table_lists_every_reason_and_total() {
-        let r = CountersReport {
-            counters: Reason::ALL
-                .iter()
-                .map(|&reason| Counter {
-                    reason,
-                    count: if reason == Reason::PassTtl { 3 } else { 0 },
-                })
-                .collect(),
-            total: 3,
-        };
-        let t = counters_table(&r);
-        assert_eq!(t.lines().count(), Reason::ALL.len() + 2);
-        assert!(t
-            .lines()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["pass_ttl", "3"]));
-        assert_eq!(
-            t.lines()
-                .last()
-                .unwrap()
-                .split_whitespace()
-                .collect::<Vec<_>>(),
-            ["total", "3"]
-        );
-    }
-
-    #[test]
-    fn targets_table_has_a_row_per_backend_and_marks_empty_frontends() {
-        let target = |id, state| Target {
-            id,
-            backend: Some(format!("10.244.1.{id}:8080").parse().unwrap()),
-            state,
-            location: Some("local"),
-            ring_slots: 5,
-            share_pct: 50.0,
-            flows: 2,
-        };
-        let fes = vec![
-            FrontendTargets {
-                address: "*".into(),
-                port: 30080,
-                proto: "TCP".into(),
-                service_id: 0,
-                backend_count: 2,
-                affinity_timeout_s: Some(10),
-                local_only: false,
-                targets: vec![
-                    target(1, TargetState::Healthy),
-                    target(2, TargetState::Draining),
-                ],
-            },
-            FrontendTargets {
-                address: "203.0.113.7".into(),
-                port: 80,
-                proto: "UDP".into(),
-                service_id: 1,
-                backend_count: 0,
-                affinity_timeout_s: None,
-                local_only: true,
-                targets: vec![],
-            },
-        ];
-        let t = targets_table(&fes);
-        let lines: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
-        assert_eq!(lines.len(), 4);
-        assert_eq!(
-            lines[1],
-            [
-                "*:30080",
-                "TCP",
-                "0",
-                "10.244.1.1:8080",
-                "1",
-                "healthy",
-                "local",
-                "50.0%",
-                "2",
-                "affinity",
-                "10s"
-            ]
-        );
-        assert_eq!(lines[2][5], "draining");
-        assert_eq!(
-            lines[3][..6],
-            ["203.0.113.7:80", "UDP", "1", "<none>", "-", "no-backends"]
-        );
-        assert_eq!(*lines[3].last().unwrap(), "local-only");
-    }
-
-    #[test]
-    fn explain_table_shows_steps_and_verdict() {
-        let e = Explanation {
-            packet: "10.0.0.9:40000 -> 192.168.1.10:30080 TCP".into(),
-            steps: vec![
-                Step {
-                    step: "service_ports",
-                    outcome: "bit for TCP port 30080 is set".into(),
-                },
-                Step {
-                    step: "maglev",
-                    outcome: "flow hash ...".into(),
-                },
-            ],
-            reason: Reason::FwdLocal,
-            action: "XDP_REDIRECT",
-            out_ifindex: Some(7),
-            backend: None,
-            rewritten: Some((
-                "10.0.0.9:40000".parse().unwrap(),
-                "10.244.1.5:8080".parse().unwrap(),
-            )),
-            established: false,
-        };
-        let t = explain_table(&e, &|i| (i == 7).then(|| "veth-p1".to_string()));
-        let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(
-            lines[0],
-            "PACKET   10.0.0.9:40000 -> 192.168.1.10:30080 TCP"
-        );
-        assert!(
-            lines[2].starts_with("1.   service_ports   bit for TCP"),
-            "{t}"
-        );
-        assert!(lines[4].starts_with(
-            "VERDICT  XDP_REDIRECT (fwd_local) as 10.0.0.9:40000 -> 10.244.1.5:8080 out veth-p1 (ifindex 7)"
-        ), "{t}");
-        let json = serde_json::to_value(&e).unwrap();
-        assert_eq!(json["reason"], "fwd_local");
-        assert_eq!(json["rewritten"][1], "10.244.1.5:8080");
     }
 }

@@ -12,8 +12,8 @@ use lb_common::{
     CFG_DEC_TTL, PROTO_TCP, PROTO_UDP,
 };
 use lb_user::{
-    dataplane::{Dataplane, DataplaneError, DataplaneOptions},
-    maglev::{self, MaglevBackend},
+    bpf::dataplane::{Dataplane, DataplaneError, DataplaneOptions},
+    control::maglev::{self, MaglevBackend},
 };
 
 pub const XDP_ABORTED: u32 = 0;

@@ -67,7 +67,7 @@ const AGENT_READY_PREFIX: &str = "lbx: ready ";
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
     #[error(transparent)]
-    Bpffs(#[from] lb_user::bpffs::BpffsError),
+    Bpffs(#[from] lb_user::bpf::bpffs::BpffsError),
     #[error("the lab's control plane: {0}")]
     ControlPlane(#[from] ControlPlaneError),
     #[error("playing the kubelet: {0}")]
@@ -1007,8 +1007,8 @@ fn nft(ns: &str, args: &[&str], stdin: Option<&str>) -> Result<String, ScenarioE
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there: the agents pin their maps there
 /// and the operator CLI reads them (the same mount a DaemonSet gets as a hostPath).
 fn ensure_bpffs() -> Result<(), ScenarioError> {
-    if lb_user::bpffs::ensure(Path::new(PIN_ROOT))? {
-        eprintln!("lbx: mounted bpffs at {}", lb_user::bpffs::MOUNTPOINT);
+    if lb_user::bpf::bpffs::ensure(Path::new(PIN_ROOT))? {
+        eprintln!("lbx: mounted bpffs at {}", lb_user::bpf::bpffs::MOUNTPOINT);
     }
     Ok(())
 }
@@ -1914,9 +1914,9 @@ mod tests {
             EndpointSpec::terminating(PodId::new(1, 1)),
         ];
         let text = manifest(&eps, |p| crate::topology::pod_addr_of(p.node, p.pod));
-        let m = lb_user::standalone::parse_str(&text).expect("manifest parses");
+        let m = lb_user::k8s::manifest::parse_str(&text).expect("manifest parses");
         assert_eq!((m.services.len(), m.endpoint_slices.len()), (1, 1));
-        let (desired, skipped) = lb_user::translate::translate(
+        let (desired, skipped) = lb_user::k8s::translate::translate(
             &m.services,
             &m.endpoint_slices,
             "n0",

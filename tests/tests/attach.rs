@@ -4,7 +4,9 @@
 
 use lb_common::{port_be, Frontend, FrontendKey, PROTO_TCP};
 use lb_tests::netns::{in_netns, ip, unique_prefix, NetNs};
-use lb_user::dataplane::{AttachMode, Dataplane, DataplaneError, DataplaneOptions, XdpModeChoice};
+use lb_user::bpf::dataplane::{
+    AttachMode, Dataplane, DataplaneError, DataplaneOptions, XdpModeChoice,
+};
 
 fn small() -> DataplaneOptions {
     DataplaneOptions {

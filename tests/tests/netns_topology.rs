@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use lb_tests::netns::{self, in_netns, ChildGuard, NetNs};
 use lb_tests::topology::{Topology, TopologySpec};
-use lb_user::netinfo::{self, NetinfoError};
+use lb_user::node::netinfo::{self, NetinfoError};
 
 const PODSERVER: &str = env!("CARGO_BIN_EXE_lbx-podserver");
 const TCP_PORT: u16 = 8080;

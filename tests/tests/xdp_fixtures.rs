@@ -16,7 +16,7 @@ use lb_tests::{
     fixture::*,
     packet::{hexdiff, verify_checksums, Packet},
 };
-use lb_user::dataplane::Dataplane;
+use lb_user::bpf::dataplane::Dataplane;
 
 /// Which program a step runs through.
 #[derive(Clone, Copy, Debug)]
@@ -1366,7 +1366,7 @@ fn peer_path_follows_local_backends_and_peers() {
 #[test]
 fn local_endpoints_overflow_is_counted_and_catches_up() {
     require_root();
-    let mut dp = Dataplane::load(lb_user::dataplane::DataplaneOptions {
+    let mut dp = Dataplane::load(lb_user::bpf::dataplane::DataplaneOptions {
         max_services: 1,
         maglev_size: FIXTURE_MAGLEV_SIZE,
         max_backends: 16_400,

@@ -64,6 +64,7 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
     Api, Client,
 };
+use lb_common::maps::{MapDef, BACKENDS, CONFIG, FRONTENDS, MAGLEV};
 use lb_common::{v4, BE_ACTIVE, PROTO_TCP};
 use lb_tests::{
     controlplane::{self, ControlPlane},
@@ -76,7 +77,10 @@ use lb_tests::{
     scenario::{self, ReadyLine},
     topology::{Topology, TopologySpec, CONTROL_ADDR, NIC},
 };
-use lb_user::inspect::{self, MapsView, PinnedMaps};
+use lb_user::bpf::{
+    maps::{pin_path, Maps},
+    pins,
+};
 use serde::Serialize;
 use serde_json::json;
 
@@ -847,7 +851,7 @@ impl Drop for RingView {
 
 /// The pinned maps of one agent, polled for "is this address a backend of that Service".
 struct MapPoller {
-    maps: PinnedMaps,
+    maps: Maps,
     ring: RingView,
     maglev_size: u32,
     /// seen[id] == epoch: id already checked in this poll.
@@ -859,11 +863,15 @@ struct MapPoller {
 
 impl MapPoller {
     fn open(pin_dir: &Path) -> Result<MapPoller> {
-        let located = inspect::locate(Some(pin_dir), None)
+        let located = pins::locate(Some(pin_dir), None)
             .with_context(|| format!("locating the pins in {}", pin_dir.display()))?;
-        let maps = PinnedMaps::open(&located).context("opening the pinned maps")?;
-        let maglev_size = maps.config().context("reading CONFIG")?.maglev_size;
-        let ring = RingView::open(&located.open_path.join("MAGLEV"))?;
+        let maps = Maps::from_pins(&located.open_path).context("opening the pinned maps")?;
+        let maglev_size = maps
+            .element::<CONFIG>(0)
+            .context("reading CONFIG")?
+            .unwrap_or_default()
+            .maglev_size;
+        let ring = RingView::open(&pin_path(&located.open_path, &MAGLEV::SPEC))?;
         Ok(MapPoller {
             maps,
             ring,
@@ -886,7 +894,7 @@ impl MapPoller {
 
     fn holds_inner(&mut self, i: usize, addr: Ipv4Addr) -> Result<bool> {
         let key = frontend_key(Some(external_ip(i)), SERVICE_PORT, PROTO_TCP);
-        let Some(fe) = self.maps.frontend(&key)? else {
+        let Some(fe) = self.maps.lookup::<FRONTENDS>(&key)? else {
             return Ok(false);
         };
         let want = v4(addr.octets());
@@ -908,7 +916,7 @@ impl MapPoller {
                 continue;
             }
             self.seen[slot] = self.epoch;
-            if let Some(be) = self.maps.backend(id)? {
+            if let Some(be) = self.maps.element::<BACKENDS>(id)? {
                 if be.addr == want
                     && be.port == lb_common::port_be(TARGET_PORT)
                     && be.flags & BE_ACTIVE != 0
@@ -1006,7 +1014,7 @@ impl Bench {
         );
 
         let mut poller = MapPoller::open(&pin_dir.0)?;
-        let frontends = poller.maps.frontends()?.len();
+        let frontends = poller.maps.entries::<FRONTENDS>()?.len();
         let expected_backends = n * per;
         let mut notes = Vec::new();
         if synced_services != n {
@@ -1614,7 +1622,7 @@ fn run() -> Result<()> {
         .context("building lb-user")?
         .agent;
 
-    lb_user::bpffs::ensure(Path::new(PIN_ROOT)).context("mounting bpffs")?;
+    lb_user::bpf::bpffs::ensure(Path::new(PIN_ROOT)).context("mounting bpffs")?;
     scenario::cleanup_stale_pins();
 
     let logs = match &args.logs {
@@ -1702,7 +1710,7 @@ fn run() -> Result<()> {
                 "endpoints": "one EndpointSlice per Service (our managed-by label), endpoints on the remote Node n1, which the agent forwards to by its InternalIP",
                 "sync_s": "the agent's `lbx: synced ... sync_s=`: the three first lists returned -> the maps hold everything",
                 "update": "sequential merge patches of one EndpointSlice replacing one endpoint address with a fresh one; clock from just before the write to the new address being a backend in the Service's Maglev ring",
-                "poll": "FRONTENDS lookup (service slot) -> the ring read from a read-only mmap of the pinned MAGLEV map -> BACKENDS lookups of the distinct ids in it; through lb_user::inspect::PinnedMaps",
+                "poll": "FRONTENDS lookup (service slot) -> the ring read from a read-only mmap of the pinned MAGLEV map -> BACKENDS lookups of the distinct ids in it; through lb_user::bpf::maps::Maps",
                 "poll_interval_us": args.poll_us,
                 "update_timeout_s": UPDATE_TIMEOUT.as_secs_f64(),
                 "failed_changes_count_as": "the timeout, in the percentiles",

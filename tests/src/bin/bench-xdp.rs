@@ -38,7 +38,7 @@ use lb_tests::{
     fixture::{addr, frontend_key, local_backend, node_config, ring_for, XDP_PASS, XDP_REDIRECT},
     packet::Packet,
 };
-use lb_user::dataplane::{Dataplane, DataplaneOptions};
+use lb_user::bpf::dataplane::{Dataplane, DataplaneOptions};
 use serde::Serialize;
 
 #[derive(Parser)]

@@ -16,8 +16,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::model::DesiredState;
-use crate::translate::{translate, Skipped, TranslateOptions};
+use crate::control::model::DesiredState;
+use crate::k8s::translate::{translate, Skipped, TranslateOptions};
 
 /// The objects of a manifest file, in file order.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -269,7 +269,7 @@ fn decode<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{FrontendAddr, ServicePortId};
+    use crate::control::model::{FrontendAddr, ServicePortId};
     use lb_common::PROTO_TCP;
     use std::net::Ipv4Addr;
 

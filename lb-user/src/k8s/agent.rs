@@ -1,10 +1,10 @@
 //! `lb-user agent`: the node agent. Watches Services, EndpointSlices and Nodes on the API
 //! server and keeps this node's data plane in step with them.
 //!
-//! - [`watch`]: the reflectors and the changes they report;
-//! - [`state`]: the desired state, retranslated per changed Service;
-//! - [`healthcheck`]: healthCheckNodePort servers for externalTrafficPolicy Local;
-//! - [`crate::runtime`]: the data plane itself (shared with `standalone`).
+//! - [`super::watch`]: the reflectors and the changes they report;
+//! - [`super::state`]: the desired state, retranslated per changed Service;
+//! - [`super::healthcheck`]: healthCheckNodePort servers for externalTrafficPolicy Local;
+//! - [`crate::node::runtime`]: the data plane itself (shared with `standalone`).
 //!
 //! Start-up waits for the first full list of all three kinds, so the first apply is complete
 //! (a partial state would delete frontends another list is about to bring back); then the
@@ -12,11 +12,6 @@
 //! `batch` and applied; a relist (start-up, reconnect, 410 Gone) retranslates everything, so
 //! objects deleted while the agent was away disappear from the maps. While the API server is
 //! unreachable nothing changes: forwarding goes on with the last state.
-
-pub mod healthcheck;
-pub mod slim;
-pub mod state;
-pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
@@ -30,11 +25,11 @@ use kube::{Client, Config};
 use log::{info, warn};
 use tokio::sync::mpsc;
 
-use crate::runtime::{self, NodeOptions, NodeRuntime, RunError};
-use crate::translate::TranslateOptions;
-use healthcheck::HealthServers;
-use state::{node_ips, AgentState};
-use watch::{Change, Kind, ServiceKey, Stores, WatchStats};
+use super::healthcheck::HealthServers;
+use super::state::{node_ips, AgentState};
+use super::watch::{Change, Kind, ServiceKey, Stores, WatchStats};
+use crate::k8s::translate::TranslateOptions;
+use crate::node::{options::NodeOptions, process, runtime::NodeRuntime, RunError};
 
 /// How often the loop retries unresolved backends and checks for a stop request.
 const TICK: Duration = Duration::from_millis(250);
@@ -87,7 +82,7 @@ pub enum AgentError {
 
 /// Runs until SIGTERM/SIGINT; Ok after a clean shutdown.
 pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
-    runtime::install_signal_handlers()?;
+    process::install_signal_handlers()?;
     limit_malloc_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -142,7 +137,7 @@ async fn run_async(opts: AgentOptions) -> Result<(), AgentError> {
     let node = opts.node.node_name.clone();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let stats = Arc::new(WatchStats::default());
-    let stores = watch::spawn(&client, tx, stats.clone());
+    let stores = super::watch::spawn(&client, tx, stats.clone());
     info!("node {node}: watching services, endpointslices and nodes");
 
     // Start-up: the first full list of every kind.
@@ -157,7 +152,7 @@ async fn run_async(opts: AgentOptions) -> Result<(), AgentError> {
                 }
             }
             _ = tokio::time::sleep(TICK) => {
-                if runtime::stop_requested() {
+                if process::stop_requested() {
                     info!("stop requested before the first sync; nothing was attached");
                     return Ok(());
                 }
@@ -217,7 +212,7 @@ async fn run_async(opts: AgentOptions) -> Result<(), AgentError> {
         );
         let _ = out.flush();
     }
-    state::log_sync(&state, "initial sync");
+    super::state::log_sync(&state, "initial sync");
     release_freed_memory();
 
     let mut control = Control {
@@ -258,7 +253,7 @@ async fn run_async(opts: AgentOptions) -> Result<(), AgentError> {
                 }
             }
             _ = ticker.tick() => {
-                if runtime::stop_requested() {
+                if process::stop_requested() {
                     break;
                 }
                 rt.tick();
@@ -339,7 +334,7 @@ impl Control {
         }
         if full {
             self.state.resync(&self.stores);
-            state::log_sync(&self.state, "resync");
+            super::state::log_sync(&self.state, "resync");
             return Absorbed::Resync;
         }
         for key in services.iter().chain(&slices) {

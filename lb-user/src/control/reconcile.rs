@@ -37,8 +37,10 @@ use lb_common::{
     FE_AFFINITY, FE_LOCAL_ONLY,
 };
 
-use crate::maglev::{self, MaglevBackend, MaglevError};
-use crate::model::{BackendSpec, DesiredState, FrontendAddr, ServicePortId, ServicePortState};
+use crate::control::maglev::{self, MaglevBackend, MaglevError};
+use crate::control::model::{
+    BackendSpec, DesiredState, FrontendAddr, ServicePortId, ServicePortState,
+};
 
 /// A map write that failed.
 #[derive(Debug, thiserror::Error)]
@@ -80,19 +82,19 @@ pub trait MapWriter {
     fn remove_frontend(&mut self, key: &FrontendKey) -> Result<(), WriteError>;
 }
 
-impl MapWriter for crate::dataplane::Dataplane {
+impl MapWriter for crate::bpf::dataplane::Dataplane {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), WriteError> {
-        crate::dataplane::Dataplane::set_backend(self, id, backend)
+        crate::bpf::dataplane::Dataplane::set_backend(self, id, backend)
             .map_err(|e| WriteError::with_source(format!("set BACKENDS[{id}]"), e))
     }
 
     fn clear_backend(&mut self, id: u32) -> Result<(), WriteError> {
-        crate::dataplane::Dataplane::clear_backend(self, id)
+        crate::bpf::dataplane::Dataplane::clear_backend(self, id)
             .map_err(|e| WriteError::with_source(format!("clear BACKENDS[{id}]"), e))
     }
 
     fn write_ring(&mut self, service_id: u32, changes: &[(u32, u32)]) -> Result<(), WriteError> {
-        crate::dataplane::Dataplane::write_ring(self, service_id, changes).map_err(|e| {
+        crate::bpf::dataplane::Dataplane::write_ring(self, service_id, changes).map_err(|e| {
             WriteError::with_source(
                 format!("write {} positions of ring {service_id}", changes.len()),
                 e,
@@ -101,12 +103,12 @@ impl MapWriter for crate::dataplane::Dataplane {
     }
 
     fn set_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> Result<(), WriteError> {
-        crate::dataplane::Dataplane::set_frontend(self, key, frontend)
+        crate::bpf::dataplane::Dataplane::set_frontend(self, key, frontend)
             .map_err(|e| WriteError::with_source(format!("set FRONTENDS {key:?}"), e))
     }
 
     fn remove_frontend(&mut self, key: &FrontendKey) -> Result<(), WriteError> {
-        crate::dataplane::Dataplane::remove_frontend(self, key)
+        crate::bpf::dataplane::Dataplane::remove_frontend(self, key)
             .map_err(|e| WriteError::with_source(format!("remove FRONTENDS {key:?}"), e))
     }
 }
@@ -967,7 +969,7 @@ impl StepError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{BackendSpec, ServicePortState};
+    use crate::control::model::{BackendSpec, ServicePortState};
     use lb_common::{port_host, v4_octets, PROTO_TCP, PROTO_UDP};
     use std::collections::{HashMap, HashSet};
 

@@ -8,8 +8,6 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use lb_common::{PROTO_TCP, PROTO_UDP};
-
 /// One port of one Service: the unit that owns a Maglev ring (a `service_id` slot).
 /// Ports are told apart by name and protocol, as kube-proxy does (`port_name` is "" for the
 /// single unnamed port a Service may have).
@@ -79,11 +77,7 @@ impl fmt::Display for ServicePortId {
 
 /// "TCP", "UDP" or the protocol number, for messages.
 pub fn proto_name(proto: u8) -> String {
-    match proto {
-        PROTO_TCP => "TCP".to_string(),
-        PROTO_UDP => "UDP".to_string(),
-        other => other.to_string(),
-    }
+    lb_common::ProtoName(proto).to_string()
 }
 
 /// Where a frontend listens.
@@ -161,6 +155,7 @@ pub struct DesiredState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_common::{PROTO_TCP, PROTO_UDP};
 
     fn be(last: u8, ready: bool, serving: bool, terminating: bool) -> BackendSpec {
         BackendSpec {

@@ -1,5 +1,5 @@
 //! A slim EndpointSlice for the reflector store (the idea of Cilium's "slim" Kubernetes
-//! types): only the fields [`crate::translate`] reads are decoded and kept. The full
+//! types): only the fields [`crate::k8s::translate`] reads are decoded and kept. The full
 //! `k8s_openapi` Endpoint is 352 bytes before any of its strings (most of it inline `Option`s
 //! we never read: targetRef, hints, zone, hostname, deprecatedTopology); at 10 000 Services of
 //! 10 endpoints each, the slim store is tens of MiB smaller. A Service's slices are turned
@@ -13,9 +13,9 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use crate::intern::intern;
+use crate::control::intern::intern;
 
-use crate::translate::SERVICE_NAME_LABEL;
+use crate::k8s::translate::SERVICE_NAME_LABEL;
 
 /// `discovery.k8s.io/v1` EndpointSlice, decoded with only what the agent reads.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -188,7 +188,7 @@ impl SlimEndpointSlice {
         }
     }
 
-    /// The full slice [`crate::translate::translate`] takes (unread fields empty).
+    /// The full slice [`crate::k8s::translate::translate`] takes (unread fields empty).
     pub fn to_full(&self) -> EndpointSlice {
         let mut metadata = self.metadata.clone();
         if let Some(svc) = &self.service_name {

@@ -24,9 +24,9 @@ use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_common::{PROTO_TCP, PROTO_UDP};
 
-use crate::intern::intern;
+use crate::control::intern::intern;
 
-use crate::model::{
+use crate::control::model::{
     proto_name, BackendSpec, DesiredState, FrontendAddr, ServicePortId, ServicePortState,
 };
 

@@ -1,7 +1,7 @@
 //! The agent's desired state, kept up to date incrementally: a change to one Service or one
-//! of its EndpointSlices retranslates only that Service ([`crate::translate::translate`] on
+//! of its EndpointSlices retranslates only that Service ([`crate::k8s::translate::translate`] on
 //! it and its slices) and records which service ports changed, so the runtime applies only
-//! those ([`crate::runtime::NodeRuntime::update`]) and an update costs the same at 1 and at
+//! those ([`crate::node::runtime::NodeRuntime::update`]) and an update costs the same at 1 and at
 //! 10 000 Services. A full resync (after any reflector's InitDone) retranslates everything
 //! from the stores. The one complete [`DesiredState`] lives in the runtime; this keeps each
 //! Service's own contribution.
@@ -19,10 +19,10 @@ use kube::ResourceExt as _;
 use log::{info, warn};
 
 use super::watch::{service_key, slice_service_key, ServiceKey, Stores};
-use crate::intern::intern;
-use crate::model::{DesiredState, ServicePortId, ServicePortState};
-use crate::runtime::PortChanges;
-use crate::translate::{translate, Skipped, TranslateOptions};
+use crate::control::intern::intern;
+use crate::control::model::{DesiredState, ServicePortId, ServicePortState};
+use crate::k8s::translate::{translate, Skipped, TranslateOptions};
+use crate::node::runtime::PortChanges;
 
 /// A Service as the state keys it: the namespace shared by every object in it
 /// ([`crate::intern`]), the name shared by the entry and its slices' owner records.

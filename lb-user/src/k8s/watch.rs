@@ -27,7 +27,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use super::slim::SlimEndpointSlice;
-use crate::translate::{ACCELERATE_ANNOTATION, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+use crate::k8s::translate::{ACCELERATE_ANNOTATION, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 
 /// Which reflector an event came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{error, info, warn};
 
-use crate::model::DesiredState;
-use crate::runtime::{self, NodeOptions, NodeRuntime, RunError};
-use crate::standalone::{translate_file, StandaloneError};
-use crate::translate::TranslateOptions;
+use super::manifest::{translate_file, StandaloneError};
+use crate::control::model::DesiredState;
+use crate::k8s::translate::TranslateOptions;
+use crate::node::{options::NodeOptions, process, runtime::NodeRuntime, RunError};
 
 /// Everything `lb-user standalone` is told on its command line.
 #[derive(Clone, Debug)]
@@ -78,7 +78,7 @@ fn load_desired(opts: &StandaloneOptions) -> Result<DesiredState, StandaloneErro
 
 /// Runs until SIGTERM/SIGINT; Ok after a clean shutdown.
 pub fn run(opts: &StandaloneOptions) -> Result<(), StandaloneRunError> {
-    runtime::install_signal_handlers()?;
+    process::install_signal_handlers()?;
     let desired = load_desired(opts).map_err(|source| StandaloneRunError::File {
         path: opts.config.clone(),
         source: Box::new(source),
@@ -94,7 +94,7 @@ pub fn run(opts: &StandaloneOptions) -> Result<(), StandaloneRunError> {
     rt.announce_ready();
 
     let mut next = Instant::now() + opts.resync;
-    while !runtime::sleep_until(next) {
+    while !process::sleep_until(next) {
         next = Instant::now() + opts.resync;
         let now = file_stamp(&opts.config);
         if now != stamp {

@@ -1,0 +1,248 @@
+//! Map entries in words, per catalogue map: what `explain` prints for what it read and what
+//! the program wrote.
+
+use std::fmt::Write as _;
+
+use lb_common::{
+    maps::{
+        MapDef, AFFINITY, BACKENDS, CONFIG, CONNTRACK, FRONTENDS, LOCAL_ENDPOINTS, PEERS, REVNAT,
+    },
+    port_host, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, Frontend, FrontendKey,
+    LocalEndpoint, PeerNode, ProtoName, RevNatEntry, BE_ACTIVE, BE_LOCAL, BE_TERMINATING,
+    CFG_PEERS, CT_CLOSING, CT_SNAT, FE_AFFINITY, FE_LOCAL_ONLY, REV_CLOSING, REV_SNAT,
+};
+
+use super::view::{ip_of, sock, sock4};
+
+/// A catalogue map whose keys and values can be put in words.
+pub trait Describe: MapDef {
+    fn key(key: &Self::Key) -> String;
+    fn value(value: &Self::Value) -> String;
+}
+
+pub(crate) fn mac(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn tuple(k: &CtKey) -> String {
+    format!(
+        "{} -> {} {}",
+        sock4(k.saddr, k.sport),
+        sock4(k.daddr, k.dport),
+        ProtoName(k.proto)
+    )
+}
+
+impl Describe for CONFIG {
+    fn key(index: &u32) -> String {
+        format!("[{index}]")
+    }
+    fn value(c: &Config) -> String {
+        let addrs: Vec<String> = c
+            .node_addrs
+            .iter()
+            .filter(|&&a| a != 0)
+            .map(|&a| ip_of(a).to_string())
+            .collect();
+        let mut s = format!(
+            "node addresses {}, SNAT {} ports {}-{}, maglev {}, frontend epoch {}",
+            addrs.join(","),
+            ip_of(c.snat_addr),
+            c.snat_port_min,
+            c.snat_port_max,
+            c.maglev_size,
+            c.frontend_epoch
+        );
+        if c.flags & CFG_PEERS != 0 {
+            s.push_str(", peers on");
+        }
+        s
+    }
+}
+
+impl Describe for FRONTENDS {
+    fn key(k: &FrontendKey) -> String {
+        let addr = if k.addr == 0 {
+            "*".to_string()
+        } else {
+            ip_of(k.addr).to_string()
+        };
+        format!("{addr}:{}/{}", port_host(k.port), ProtoName(k.proto))
+    }
+    fn value(fe: &Frontend) -> String {
+        let mut s = format!(
+            "service slot {}, {} backend(s) take new flows",
+            fe.service_id, fe.backend_count
+        );
+        if fe.flags & FE_AFFINITY != 0 {
+            let _ = write!(s, ", sessionAffinity ClientIP {} s", fe.affinity_timeout_s);
+        }
+        if fe.flags & FE_LOCAL_ONLY != 0 {
+            s.push_str(", externalTrafficPolicy Local");
+        }
+        s
+    }
+}
+
+impl Describe for BACKENDS {
+    fn key(id: &u32) -> String {
+        format!("id {id}")
+    }
+    fn value(be: &Backend) -> String {
+        if be.flags & BE_ACTIVE == 0 {
+            return "empty slot".to_string();
+        }
+        let mut s = format!(
+            "{} {}, ifindex {}, {} -> {}",
+            sock(be.addr, be.port),
+            if be.flags & BE_LOCAL != 0 {
+                "local pod"
+            } else {
+                "remote"
+            },
+            be.ifindex,
+            mac(&be.smac),
+            mac(&be.dmac)
+        );
+        if be.flags & BE_TERMINATING != 0 {
+            s.push_str(", terminating");
+        }
+        s
+    }
+}
+
+impl Describe for LOCAL_ENDPOINTS {
+    fn key(addr: &u32) -> String {
+        ip_of(*addr).to_string()
+    }
+    fn value(ep: &LocalEndpoint) -> String {
+        format!(
+            "ifindex {}, {} -> {}",
+            ep.ifindex,
+            mac(&ep.node_mac),
+            mac(&ep.mac)
+        )
+    }
+}
+
+impl Describe for PEERS {
+    fn key(addr: &u32) -> String {
+        ip_of(*addr).to_string()
+    }
+    fn value(p: &PeerNode) -> String {
+        if p.ifindex == 0 {
+            return "no request seen yet".to_string();
+        }
+        format!(
+            "requests arrive on ifindex {} from {} (to {})",
+            p.ifindex,
+            mac(&p.mac),
+            mac(&p.node_mac)
+        )
+    }
+}
+
+impl Describe for CONNTRACK {
+    fn key(k: &CtKey) -> String {
+        tuple(k)
+    }
+    fn value(ct: &CtEntry) -> String {
+        let mut s = format!(
+            "backend id {}, service slot {}, frontend epoch {}",
+            ct.backend_id, ct.service_id, ct.frontend_epoch
+        );
+        if ct.flags & CT_SNAT != 0 {
+            let _ = write!(s, ", SNAT port {}", port_host(ct.snat_port));
+        }
+        if ct.flags & CT_CLOSING != 0 {
+            let _ = write!(s, ", closing since {} s", ct.closing_s);
+        }
+        s
+    }
+}
+
+impl Describe for REVNAT {
+    fn key(k: &CtKey) -> String {
+        tuple(k)
+    }
+    fn value(r: &RevNatEntry) -> String {
+        let mut s = format!(
+            "reply becomes {} -> {}, out ifindex {} to {}",
+            sock4(r.frontend_addr, r.frontend_port),
+            sock4(r.client_addr, r.client_port),
+            r.ifindex,
+            mac(&r.client_mac)
+        );
+        if r.flags & REV_SNAT != 0 {
+            s.push_str(", undoes SNAT");
+        }
+        if r.flags & REV_CLOSING != 0 {
+            let _ = write!(s, ", closing since {} s", r.stamp_s);
+        } else if r.flags & REV_SNAT != 0 {
+            let _ = write!(s, ", last reply at {} s", r.stamp_s);
+        }
+        s
+    }
+}
+
+impl Describe for AFFINITY {
+    fn key(k: &AffinityKey) -> String {
+        format!(
+            "client {} on service slot {}",
+            ip_of(k.client),
+            k.service_id
+        )
+    }
+    fn value(a: &AffinityEntry) -> String {
+        format!(
+            "backend id {}, last used at {} ms",
+            a.backend_id,
+            a.last_used_ns / 1_000_000
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::{ip4, port_be, PROTO_TCP};
+
+    #[test]
+    fn entries_read_as_addresses_ports_and_flags() {
+        let k = CtKey {
+            saddr: ip4([10, 0, 0, 9]),
+            daddr: ip4([192, 168, 1, 10]),
+            sport: port_be(40000),
+            dport: port_be(30080),
+            proto: PROTO_TCP,
+            ..Default::default()
+        };
+        assert_eq!(
+            CONNTRACK::key(&k),
+            "10.0.0.9:40000 -> 192.168.1.10:30080 TCP"
+        );
+        let ct = CtEntry {
+            backend_id: 3,
+            service_id: 1,
+            snat_port: port_be(61001),
+            flags: CT_SNAT,
+            ..Default::default()
+        };
+        assert_eq!(
+            CONNTRACK::value(&ct),
+            "backend id 3, service slot 1, frontend epoch 0, SNAT port 61001"
+        );
+        let fk = FrontendKey {
+            addr: 0,
+            port: port_be(30080),
+            proto: PROTO_TCP,
+            _pad: 0,
+        };
+        assert_eq!(FRONTENDS::key(&fk), "*:30080/TCP");
+        assert_eq!(BACKENDS::value(&Backend::default()), "empty slot");
+        assert_eq!(PEERS::value(&PeerNode::default()), "no request seen yet");
+    }
+}
