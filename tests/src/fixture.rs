@@ -5,7 +5,10 @@
 //! BPF_PROG_TEST_RUN runs the XDP program as if the packet arrived on `lo` (ifindex 1), so
 //! the "NIC" here is ifindex 1: replies and remote forwards are redirected to it.
 
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use lb_common::{
     ip4, port_be, v4, Backend, Config, Frontend, FrontendKey, BE_ACTIVE, BE_LOCAL, BE_TERMINATING,
@@ -178,6 +181,12 @@ pub fn node_config() -> Config {
 
 /// A freshly loaded data plane holding the fixture services.
 pub fn world() -> Dataplane {
+    world_in(None)
+}
+
+/// [`world`], its maps pinned in `pin_dir` (see [`TestPins`]) so `explain` and the operator
+/// CLI can read them.
+pub fn world_in(pin_dir: Option<PathBuf>) -> Dataplane {
     let mut dp = Dataplane::load(DataplaneOptions {
         max_services: 16,
         maglev_size: FIXTURE_MAGLEV_SIZE,
@@ -185,7 +194,7 @@ pub fn world() -> Dataplane {
         max_frontends: 64,
         ct_entries: 4096,
         affinity_entries: 1024,
-        pin_dir: None,
+        pin_dir,
     })
     .expect("load the BPF object (run as root; `cargo xtask test` does)");
     dp.set_config(&node_config()).unwrap();
@@ -275,4 +284,86 @@ pub fn world() -> Dataplane {
     )
     .unwrap();
     dp
+}
+
+/// A pin directory of this test process on bpffs, removed (with every map pinned in it) on
+/// drop, also when the test fails.
+pub struct TestPins {
+    dir: PathBuf,
+}
+
+impl TestPins {
+    /// A fresh directory `/sys/fs/bpf/lbx-test-<pid>-<n>-<name>` (bpffs is mounted there if
+    /// it is not yet).
+    pub fn new(name: &str) -> TestPins {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = PathBuf::from(lb_user::bpf::bpffs::MOUNTPOINT)
+            .join(format!("lbx-test-{}-{n}-{name}", std::process::id()));
+        lb_user::bpf::bpffs::ensure(&dir).expect("bpffs at /sys/fs/bpf");
+        let _ = lb_user::bpf::pins::remove_all(&dir);
+        TestPins { dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        if let Err(errors) = lb_user::bpf::pins::remove_all(&self.dir) {
+            eprintln!("TestPins: {}", errors.join("; "));
+        }
+    }
+}
+
+/// Everything a data plane's maps hold (the MAGLEV rings aside), to show that something
+/// left them as they were.
+#[derive(Debug, PartialEq)]
+pub struct LiveState {
+    config: Config,
+    frontends: HashMap<FrontendKey, Frontend>,
+    backends: Vec<Backend>,
+    local_endpoints: HashMap<u32, lb_common::LocalEndpoint>,
+    peers: HashMap<u32, lb_common::PeerNode>,
+    conntrack: HashMap<lb_common::CtKey, lb_common::CtEntry>,
+    revnat: HashMap<lb_common::CtKey, lb_common::RevNatEntry>,
+    affinity: HashMap<lb_common::AffinityKey, lb_common::AffinityEntry>,
+    stats: Vec<(lb_common::Reason, u64)>,
+}
+
+impl LiveState {
+    pub fn of(dp: &Dataplane) -> LiveState {
+        let max_backends = dp.options().max_backends;
+        LiveState {
+            config: dp.config().unwrap(),
+            frontends: dp.frontends().unwrap().into_iter().collect(),
+            backends: (0..max_backends)
+                .map(|id| dp.backend(id).unwrap())
+                .collect(),
+            local_endpoints: dp.local_endpoints().unwrap().into_iter().collect(),
+            peers: dp.peers().unwrap().into_iter().collect(),
+            conntrack: dp.conntrack().unwrap().into_iter().collect(),
+            revnat: dp.revnat().unwrap().into_iter().collect(),
+            affinity: dp
+                .maps()
+                .entries::<lb_common::maps::AFFINITY>()
+                .unwrap()
+                .into_iter()
+                .collect(),
+            stats: dp.stats().unwrap(),
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns()` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

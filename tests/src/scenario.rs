@@ -1918,7 +1918,7 @@ mod tests {
         assert_eq!((m.services.len(), m.endpoint_slices.len()), (1, 1));
         let (desired, skipped) = lb_user::k8s::translate::translate(
             &m.services,
-            &m.endpoint_slices,
+            &m.slim_slices(),
             "n0",
             &Default::default(),
         );

@@ -16,7 +16,8 @@ use lb_tests::{
     fixture::*,
     packet::{hexdiff, verify_checksums, Packet},
 };
-use lb_user::bpf::dataplane::Dataplane;
+use lb_user::bpf::{dataplane::Dataplane, sandbox::Hook};
+use lb_user::inspect::explain::explain;
 
 /// Which program a step runs through.
 #[derive(Clone, Copy, Debug)]
@@ -482,13 +483,22 @@ fn fixture_table() {
     require_root();
     let mut failures = Vec::new();
     for row in rows() {
-        let mut dp = world();
+        let pins = TestPins::new("fixture");
+        let mut dp = world_in(Some(pins.dir().to_path_buf()));
         for pkt in &row.before {
             let _ = dp.test_run_xdp(pkt).unwrap();
         }
+        // The same packet through `explain` first (the real program in a sandbox over these
+        // maps, which it must not write), then through the program itself: same answer.
+        let live = LiveState::of(&dp);
+        let explained = explain(pins.dir(), hook(row.prog), &row.input);
+        let mut problems = Vec::new();
+        if LiveState::of(&dp) != live {
+            problems.push("explain changed the live maps".to_string());
+        }
+        let stats_before = dp.stats().unwrap();
         let before = stat(&dp, row.expect_reason);
         let (verdict, out) = run(&mut dp, row.prog, &row.input);
-        let mut problems = Vec::new();
         if verdict != row.expect_verdict {
             problems.push(format!(
                 "verdict {verdict}, expected {}",
@@ -516,6 +526,30 @@ fn fixture_table() {
                 problems.push(format!("output checksums wrong: {e}"));
             }
         }
+        let moved = moved_reason(&stats_before, &dp.stats().unwrap());
+        match explained {
+            Err(e) => problems.push(format!("explain failed: {e}")),
+            Ok(e) => {
+                if (e.verdict, e.reason, &e.output) != (verdict, moved, &out) {
+                    problems.push(format!(
+                        "explain said {} {:?}, the program {verdict} {moved:?}; outputs:\n{}",
+                        e.verdict,
+                        e.reason,
+                        hexdiff(&out, &e.output)
+                    ));
+                }
+                let redirect = matches!(
+                    (row.prog, verdict),
+                    (Prog::Xdp, XDP_REDIRECT) | (Prog::Tc, TC_ACT_REDIRECT)
+                );
+                if e.out_ifindex.is_some() != redirect {
+                    problems.push(format!(
+                        "explain's out interface {:?} for verdict {verdict}",
+                        e.out_ifindex
+                    ));
+                }
+            }
+        }
         if !problems.is_empty() {
             failures.push(format!(
                 "[{}]\n  {}",
@@ -530,6 +564,27 @@ fn fixture_table() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+fn hook(prog: Prog) -> Hook {
+    match prog {
+        Prog::Xdp => Hook::Ingress,
+        Prog::Tc => Hook::Reply,
+    }
+}
+
+/// The one reason whose counter moved between two readings.
+fn moved_reason(before: &[(Reason, u64)], after: &[(Reason, u64)]) -> Option<Reason> {
+    let moved: Vec<Reason> = before
+        .iter()
+        .zip(after)
+        .filter(|((_, a), (_, b))| b > a)
+        .map(|((r, _), _)| *r)
+        .collect();
+    match moved.as_slice() {
+        [one] => Some(*one),
+        _ => None,
+    }
 }
 
 /// Frames shorter than an Ethernet header cannot reach the program: BPF_PROG_TEST_RUN refuses

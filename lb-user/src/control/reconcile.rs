@@ -29,7 +29,6 @@
 //! by a previous agent is a resync: apply the desired state to maps cleared first.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::fmt;
 use std::net::Ipv4Addr;
 
 use lb_common::{
@@ -37,98 +36,12 @@ use lb_common::{
     FE_AFFINITY, FE_LOCAL_ONLY,
 };
 
-use crate::control::maglev::{self, MaglevBackend, MaglevError};
-use crate::control::model::{
-    BackendSpec, DesiredState, FrontendAddr, ServicePortId, ServicePortState,
+pub use super::report::{
+    ApplyReport, Capacity, CapacitySkip, FrontendConflict, ReconcileError, Step, Unresolved,
 };
-
-/// A map write that failed.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct WriteError {
-    /// What was being written, e.g. "set BACKENDS[12]".
-    pub message: String,
-    #[source]
-    pub source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
-}
-
-impl WriteError {
-    pub fn new(message: impl Into<String>) -> Self {
-        WriteError {
-            message: message.into(),
-            source: None,
-        }
-    }
-
-    pub fn with_source(
-        message: impl Into<String>,
-        source: impl std::error::Error + Send + Sync + 'static,
-    ) -> Self {
-        WriteError {
-            message: message.into(),
-            source: Some(Box::new(source)),
-        }
-    }
-}
-
-/// The map writes the reconciler needs; the real one is the loaded data plane, tests use a
-/// simulation that checks invariants after every call.
-pub trait MapWriter {
-    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), WriteError>;
-    fn clear_backend(&mut self, id: u32) -> Result<(), WriteError>;
-    /// Writes `(position, backend id)` pairs of ring `service_id`.
-    fn write_ring(&mut self, service_id: u32, changes: &[(u32, u32)]) -> Result<(), WriteError>;
-    fn set_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> Result<(), WriteError>;
-    fn remove_frontend(&mut self, key: &FrontendKey) -> Result<(), WriteError>;
-}
-
-impl MapWriter for crate::bpf::dataplane::Dataplane {
-    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), WriteError> {
-        crate::bpf::dataplane::Dataplane::set_backend(self, id, backend)
-            .map_err(|e| WriteError::with_source(format!("set BACKENDS[{id}]"), e))
-    }
-
-    fn clear_backend(&mut self, id: u32) -> Result<(), WriteError> {
-        crate::bpf::dataplane::Dataplane::clear_backend(self, id)
-            .map_err(|e| WriteError::with_source(format!("clear BACKENDS[{id}]"), e))
-    }
-
-    fn write_ring(&mut self, service_id: u32, changes: &[(u32, u32)]) -> Result<(), WriteError> {
-        crate::bpf::dataplane::Dataplane::write_ring(self, service_id, changes).map_err(|e| {
-            WriteError::with_source(
-                format!("write {} positions of ring {service_id}", changes.len()),
-                e,
-            )
-        })
-    }
-
-    fn set_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> Result<(), WriteError> {
-        crate::bpf::dataplane::Dataplane::set_frontend(self, key, frontend)
-            .map_err(|e| WriteError::with_source(format!("set FRONTENDS {key:?}"), e))
-    }
-
-    fn remove_frontend(&mut self, key: &FrontendKey) -> Result<(), WriteError> {
-        crate::bpf::dataplane::Dataplane::remove_frontend(self, key)
-            .map_err(|e| WriteError::with_source(format!("remove FRONTENDS {key:?}"), e))
-    }
-}
-
-/// How to reach a backend from this node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Delivery {
-    /// Local: the pod's host-side veth. Remote: the NIC towards the owning node.
-    pub ifindex: u32,
-    /// Local: the pod's MAC. Remote: the owning node's (or next hop's) MAC.
-    pub dmac: [u8; 6],
-    /// The MAC of `ifindex`.
-    pub smac: [u8; 6],
-}
-
-/// Finds the [`Delivery`] of a backend (routes, neighbours, veths: the agent's business).
-pub trait Resolver {
-    /// Err(reason) when the backend cannot be reached now; it is retried on the next apply.
-    fn resolve(&self, backend: &BackendSpec) -> Result<Delivery, String>;
-}
+pub use super::writer::{Delivery, MapWriter, Resolver, WriteError};
+use crate::control::maglev::{self, MaglevBackend};
+use crate::control::model::{DesiredState, FrontendAddr, ServicePortId, ServicePortState};
 
 /// Sizes of the maps, as loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,121 +52,6 @@ pub struct ReconcileConfig {
     pub max_backends: u32,
     /// Positions per ring (prime).
     pub maglev_size: u32,
-}
-
-/// Which write step failed, for messages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
-    WriteBackends,
-    WriteRings,
-    SetFrontends,
-    ZeroRings,
-    RemoveFrontends,
-    ClearBackends,
-}
-
-impl fmt::Display for Step {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Step::WriteBackends => "writing backends",
-            Step::WriteRings => "writing Maglev rings",
-            Step::SetFrontends => "setting frontends",
-            Step::ZeroRings => "zeroing emptied rings",
-            Step::RemoveFrontends => "removing frontends",
-            Step::ClearBackends => "clearing unused backends",
-        })
-    }
-}
-
-/// Why an apply stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum ReconcileError {
-    #[error("invalid reconciler configuration: {reason}")]
-    InvalidConfig { reason: String },
-    #[error(
-        "{step} failed: {source}; the data plane is consistent but not up to date, \
-         the next apply retries"
-    )]
-    Write {
-        step: Step,
-        #[source]
-        source: WriteError,
-    },
-    #[error("building the Maglev ring of {service} failed: {source}")]
-    Maglev {
-        service: ServicePortId,
-        #[source]
-        source: MaglevError,
-    },
-}
-
-/// A backend left out because it cannot be reached now.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Unresolved {
-    pub service: ServicePortId,
-    pub addr: Ipv4Addr,
-    pub port: u16,
-    pub reason: String,
-}
-
-/// Which map ran out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Capacity {
-    /// No free service slot: the whole service port is left out.
-    ServiceSlots,
-    /// No free backend id: this backend is left out.
-    BackendIds,
-    /// More backends than ring positions: this backend is left out.
-    RingSize,
-}
-
-/// Something left out for lack of room; retried on every apply.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CapacitySkip {
-    pub service: ServicePortId,
-    /// The backend left out, or None when the whole service port is.
-    pub backend: Option<(Ipv4Addr, u16)>,
-    pub resource: Capacity,
-}
-
-/// Two service ports want the same frontend; `owner` keeps it (the one that had it, else the
-/// first in order), `loser` goes without it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FrontendConflict {
-    pub frontend: (FrontendAddr, u16, u8),
-    pub owner: ServicePortId,
-    pub loser: ServicePortId,
-}
-
-/// What an apply did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ApplyReport {
-    pub frontends_added: usize,
-    pub frontends_removed: usize,
-    pub frontends_updated: usize,
-    pub backends_added: usize,
-    pub backends_updated: usize,
-    pub backends_removed: usize,
-    pub ring_slots_written: usize,
-    /// Service slots taken and freed (not map writes).
-    pub services_added: usize,
-    pub services_removed: usize,
-    pub unresolved: Vec<Unresolved>,
-    pub skipped_capacity: Vec<CapacitySkip>,
-    pub frontend_conflicts: Vec<FrontendConflict>,
-}
-
-impl ApplyReport {
-    /// Total map writes made.
-    pub fn writes(&self) -> usize {
-        self.frontends_added
-            + self.frontends_removed
-            + self.frontends_updated
-            + self.backends_added
-            + self.backends_updated
-            + self.backends_removed
-            + self.ring_slots_written
-    }
 }
 
 /// (address, host-order port, protocol): a frontend as the model names it.

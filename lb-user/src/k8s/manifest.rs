@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::slim::SlimEndpointSlice;
 use crate::control::model::DesiredState;
 use crate::k8s::translate::{translate, Skipped, TranslateOptions};
 
@@ -25,6 +26,16 @@ pub struct Manifests {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     pub nodes: Vec<Node>,
+}
+
+impl Manifests {
+    /// The slices as the agent's store holds them: what translation reads.
+    pub fn slim_slices(&self) -> Vec<SlimEndpointSlice> {
+        self.endpoint_slices
+            .iter()
+            .map(SlimEndpointSlice::from_full)
+            .collect()
+    }
 }
 
 /// Where in a file an object sits.
@@ -143,7 +154,7 @@ pub fn translate_file(
     opts: &TranslateOptions,
 ) -> Result<(DesiredState, Vec<Skipped>), StandaloneError> {
     let m = load_file(path)?;
-    Ok(translate(&m.services, &m.endpoint_slices, node_name, opts))
+    Ok(translate(&m.services, &m.slim_slices(), node_name, opts))
 }
 
 fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
@@ -432,7 +443,7 @@ status:
         );
         let (desired, skipped) = translate(
             &m.services,
-            &m.endpoint_slices,
+            &m.slim_slices(),
             NODE,
             &TranslateOptions::default(),
         );

@@ -2,10 +2,10 @@
 //! types): only the fields [`crate::k8s::translate`] reads are decoded and kept. The full
 //! `k8s_openapi` Endpoint is 352 bytes before any of its strings (most of it inline `Option`s
 //! we never read: targetRef, hints, zone, hostname, deprecatedTopology); at 10 000 Services of
-//! 10 endpoints each, the slim store is tens of MiB smaller. A Service's slices are turned
-//! back into full EndpointSlices only while that Service is translated.
+//! 10 endpoints each, the slim store is tens of MiB smaller. Translation reads the slim
+//! slices themselves; a full slice (from a manifest file) is made slim with [`SlimEndpointSlice::from_full`].
 
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{Metadata, NamespaceResourceScope, Resource};
 use serde::{Deserialize, Serialize};
@@ -73,7 +73,8 @@ pub enum SlimAddress {
 impl SlimAddress {
     pub fn new(text: &str) -> Self {
         match text.parse::<Ipv4Addr>() {
-            // Only when printing it gives the same text back, so to_full is exact.
+            // Only when printing it gives the same text back: the text kept otherwise is what
+            // translation reports, exactly as written.
             Ok(a) if a.to_string() == text => SlimAddress::V4(a),
             _ => SlimAddress::Text(text.into()),
         }
@@ -187,32 +188,6 @@ impl SlimEndpointSlice {
             service_name: None,
         }
     }
-
-    /// The full slice [`crate::k8s::translate::translate`] takes (unread fields empty).
-    pub fn to_full(&self) -> EndpointSlice {
-        let mut metadata = self.metadata.clone();
-        if let Some(svc) = &self.service_name {
-            metadata
-                .labels
-                .get_or_insert_with(Default::default)
-                .insert(SERVICE_NAME_LABEL.to_string(), svc.clone());
-        }
-        EndpointSlice {
-            metadata,
-            address_type: self.address_type.clone(),
-            endpoints: self
-                .endpoints
-                .iter()
-                .map(|e| Endpoint {
-                    addresses: e.address.iter().map(|a| a.to_string()).collect(),
-                    conditions: e.conditions.clone(),
-                    node_name: e.node_name.as_deref().map(str::to_string),
-                    ..Endpoint::default()
-                })
-                .collect(),
-            ports: self.ports.clone(),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -243,18 +218,25 @@ mod tests {
         let full: EndpointSlice = serde_json::from_value(api_slice()).unwrap();
         let slim: SlimEndpointSlice = serde_json::from_value(api_slice()).unwrap();
         assert_eq!(slim, SlimEndpointSlice::from_full(&full));
-        let back = slim.to_full();
-        assert_eq!(back.metadata, full.metadata);
-        assert_eq!(back.address_type, "IPv4");
-        assert_eq!(back.ports, full.ports);
-        for (b, f) in back.endpoints.iter().zip(&full.endpoints) {
+        assert_eq!(slim.metadata, full.metadata);
+        assert_eq!(slim.address_type, "IPv4");
+        assert_eq!(slim.ports, full.ports);
+        assert_eq!(slim.service_name(), Some("web"));
+        assert_eq!(slim.endpoints.len(), 2);
+        for (s, f) in slim.endpoints.iter().zip(&full.endpoints) {
             assert_eq!(
-                (&b.addresses, &b.conditions, &b.node_name),
-                (&f.addresses, &f.conditions, &f.node_name)
+                (
+                    s.address.as_ref().map(|a| a.to_string()),
+                    &s.conditions,
+                    s.node_name.as_deref()
+                ),
+                (
+                    f.addresses.first().cloned(),
+                    &f.conditions,
+                    f.node_name.as_deref()
+                )
             );
         }
-        assert_eq!(back.endpoints[0].zone, None, "unread fields are dropped");
-        assert_eq!(back.endpoints.len(), 2);
     }
 
     #[test]
@@ -301,9 +283,14 @@ mod tests {
             Some(SlimAddress::Text("010.0.0.1".into())),
             "a non-canonical IPv4 text stays text, so translation reports it as written"
         );
-        let back = slim.to_full();
-        for (b, f) in back.endpoints.iter().zip(&full.endpoints) {
-            assert_eq!((&b.addresses, &b.node_name), (&f.addresses, &f.node_name));
+        for (s, f) in slim.endpoints.iter().zip(&full.endpoints) {
+            assert_eq!(
+                (
+                    s.address.as_ref().map(|a| a.to_string()),
+                    s.node_name.as_deref()
+                ),
+                (f.addresses.first().cloned(), f.node_name.as_deref())
+            );
         }
         let (a, b) = (
             slim.endpoints[0].node_name.as_ref().unwrap(),
@@ -323,7 +310,10 @@ mod tests {
             EndpointSlice::url_path(&(), Some("shop"))
         );
         assert_eq!(SlimEndpointSlice::kind(&()), "EndpointSlice");
-        assert!(std::mem::size_of::<SlimEndpoint>() * 4 < std::mem::size_of::<Endpoint>());
+        assert!(
+            std::mem::size_of::<SlimEndpoint>() * 4
+                < std::mem::size_of::<k8s_openapi::api::discovery::v1::Endpoint>()
+        );
         assert!(std::mem::size_of::<SlimEndpoint>() <= 48);
     }
 }

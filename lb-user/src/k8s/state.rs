@@ -11,7 +11,6 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::slim::SlimEndpointSlice;
 use kube::runtime::reflector::ObjectRef;
@@ -231,11 +230,10 @@ impl AgentState {
         };
         let mut states = Vec::new();
         if let Some(svc) = svc {
-            let slices: Vec<EndpointSlice> = new
+            let slices: Vec<_> = new
                 .slices
                 .iter()
                 .filter_map(|name| stores.slices.get(&ObjectRef::new(name).within(&k.ns)))
-                .map(|s| s.to_full())
                 .collect();
             let (desired, skipped) = translate(&[&*svc], &slices, &self.node_name, &self.opts);
             let local_ready: BTreeSet<Ipv4Addr> = desired
@@ -435,8 +433,7 @@ mod tests {
         let services = stores.services.state();
         let slices = stores.slices.state();
         let s: Vec<&Service> = services.iter().map(|s| &**s).collect();
-        let e: Vec<EndpointSlice> = slices.iter().map(|s| s.to_full()).collect();
-        translate(&s, &e, NODE, &TranslateOptions::default()).0
+        translate(&s, &slices, NODE, &TranslateOptions::default()).0
     }
 
     #[test]

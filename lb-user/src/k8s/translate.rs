@@ -21,10 +21,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_common::{PROTO_TCP, PROTO_UDP};
 
-use crate::control::intern::intern;
+use crate::k8s::slim::{SlimAddress, SlimEndpointSlice};
 
 use crate::control::model::{
     proto_name, BackendSpec, DesiredState, FrontendAddr, ServicePortId, ServicePortState,
@@ -62,7 +61,7 @@ pub struct Skipped {
 /// Translates Services and EndpointSlices (any order, e.g. straight from reflector stores)
 /// into the desired state of this node's data plane. `node_name` decides which endpoints are
 /// local. The result does not depend on input order.
-pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+pub fn translate<S: Borrow<Service>, E: Borrow<SlimEndpointSlice>>(
     services: &[S],
     endpoint_slices: &[E],
     node_name: &str,
@@ -74,16 +73,17 @@ pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
     };
 
     // Slices by (namespace, service name), each list sorted by slice name.
-    let mut slices: BTreeMap<(String, String), BTreeMap<String, &EndpointSlice>> = BTreeMap::new();
+    let mut slices: BTreeMap<(String, String), BTreeMap<String, &SlimEndpointSlice>> =
+        BTreeMap::new();
     for slice in endpoint_slices.iter().map(Borrow::borrow) {
         let meta = &slice.metadata;
-        let Some(service) = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+        let Some(service) = slice.service_name() else {
             continue; // not managed for a Service: kube-proxy ignores it too
         };
         let ns = namespace_of(meta.namespace.as_deref());
         let name = meta.name.clone().unwrap_or_default();
         slices
-            .entry((ns, service.clone()))
+            .entry((ns, service.to_string()))
             .or_default()
             .insert(name, slice);
     }
@@ -157,7 +157,7 @@ impl Translation {
         ns: &str,
         name: &str,
         svc: &Service,
-        slices: &BTreeMap<String, &EndpointSlice>,
+        slices: &BTreeMap<String, &SlimEndpointSlice>,
         node_name: &str,
         opts: &TranslateOptions,
     ) {
@@ -487,7 +487,7 @@ impl Translation {
         &mut self,
         ns: &str,
         slice_name: &str,
-        slice: &EndpointSlice,
+        slice: &SlimEndpointSlice,
     ) -> Option<ParsedSlice> {
         let object = format!("{ns}/{slice_name}");
         match slice.address_type.as_str() {
@@ -534,8 +534,8 @@ impl Translation {
         }
         let mut endpoints = Vec::new();
         for (i, ep) in slice.endpoints.iter().enumerate() {
-            // kube-proxy uses the first address only.
-            let Some(text) = ep.addresses.first() else {
+            // kube-proxy uses the first address only (the slim endpoint keeps only that).
+            let Some(first) = &ep.address else {
                 self.skip(
                     "EndpointSlice",
                     object.clone(),
@@ -543,9 +543,10 @@ impl Translation {
                 );
                 continue;
             };
-            let addr = match text.parse::<Ipv4Addr>() {
-                Ok(a) if !a.is_unspecified() => a,
+            let addr = match first {
+                SlimAddress::V4(a) if !a.is_unspecified() => *a,
                 _ => {
+                    let text = first.to_string();
                     self.skip(
                         "EndpointSlice",
                         object.clone(),
@@ -563,7 +564,7 @@ impl Translation {
             let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
             endpoints.push(SliceEndpoint {
                 addr,
-                node_name: ep.node_name.as_deref().map(intern),
+                node_name: ep.node_name.clone(),
                 ready,
                 serving,
                 terminating,
@@ -636,7 +637,7 @@ mod tests {
         serde_json::from_value(v).expect("test Service")
     }
 
-    fn slice(v: serde_json::Value) -> EndpointSlice {
+    fn slice(v: serde_json::Value) -> SlimEndpointSlice {
         serde_json::from_value(v).expect("test EndpointSlice")
     }
 
@@ -682,7 +683,11 @@ mod tests {
         json!({"addresses": [ip], "nodeName": node, "conditions": cond})
     }
 
-    fn web_slice(name: &str, http_port: u16, endpoints: Vec<serde_json::Value>) -> EndpointSlice {
+    fn web_slice(
+        name: &str,
+        http_port: u16,
+        endpoints: Vec<serde_json::Value>,
+    ) -> SlimEndpointSlice {
         slice(json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
@@ -697,7 +702,7 @@ mod tests {
         ServicePortId::new("shop", "web", port_name, proto)
     }
 
-    fn run(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, Vec<Skipped>) {
+    fn run(services: &[Service], slices: &[SlimEndpointSlice]) -> (DesiredState, Vec<Skipped>) {
         translate(services, slices, NODE, &TranslateOptions::default())
     }
 
@@ -948,7 +953,7 @@ mod tests {
         let opts = TranslateOptions {
             proxy_name: Some("lbx".into()),
         };
-        let (desired, skipped) = translate(&[other], &[] as &[EndpointSlice], NODE, &opts);
+        let (desired, skipped) = translate(&[other], &[] as &[SlimEndpointSlice], NODE, &opts);
         assert_eq!(desired.services.len(), 2);
         assert!(skipped.is_empty());
 

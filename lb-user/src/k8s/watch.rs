@@ -302,11 +302,10 @@ mod tests {
             slice_service_key(&slice),
             Some(("shop".to_string(), "web".to_string()))
         );
-        let full = slice.to_full();
         assert_eq!(
-            full.metadata.labels.unwrap()[SERVICE_NAME_LABEL],
-            "web",
-            "translation finds the Service by its label again"
+            slice.service_name(),
+            Some("web"),
+            "translation finds the Service by the trimmed label"
         );
 
         let mut svc: Service = serde_json::from_value(json!({
