@@ -43,16 +43,17 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use lb_tests::controlplane::SERVICE_CIDR;
 use lb_tests::kubelet;
 use lb_tests::kubeproxy::{self, IptablesBackend, KubeProxy, KubeProxySpec, ProxyMode};
-use lb_tests::labreport::{
-    self, LabFootprint, LabReport, LbTarget, Meta, PathResult, SweepPoint, TargetCheck, PATHS,
-};
-use lb_tests::loadgen::{self, HopProbe, LoadResult, LoadSpec, Mode};
 use lb_tests::netns;
 use lb_tests::scenario::{
     self, Lab, LabSpec, NftProbe, PodId, LB_INGRESS_IP, TCP_NODE_PORT, TCP_SERVICE_PORT,
     TCP_TARGET_PORT,
 };
 use lb_tests::topology::TopologySpec;
+use lbx_lab::loadgen::{self, HopProbe, LoadResult, LoadSpec, Mode};
+use lbx_lab::report::{
+    self as labreport, LabFootprint, LabReport, LbTarget, Meta, PathResult, SweepPoint,
+    TargetCheck, PATHS,
+};
 use serde_json::json;
 
 const UI_NS: &str = "ui";
