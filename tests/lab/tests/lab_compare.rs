@@ -19,7 +19,7 @@ use lbx_lab::report::{LabFootprint, LabReport, PATHS};
 
 const LAB: &str = env!("CARGO_BIN_EXE_lbx-lab");
 
-/// The per-path client addresses lbx-lab uses (see `path_source` there).
+/// The per-path client addresses lbx-lab uses (see `path_source` in src/paths.rs).
 const INSTANCE_SOURCE: &str = "10.77.0.101";
 const XDP_SOURCE: &str = "10.77.0.102";
 const IP_SOURCE: &str = "10.77.0.103";
