@@ -1,7 +1,7 @@
-//! The end-to-end lab scenario shared by the data-plane namespace tests and `lbx-demo`: a
-//! [`Topology`] (2 nodes x 2 pods by default), a pod server in every pod, one real
-//! `lb-user standalone` agent per node namespace fed a Kubernetes manifest file, and helpers
-//! to send traffic from the client, read the agents' counters and watch netfilter.
+//! The end-to-end lab scenario shared by the data-plane namespace tests, the lab (`lbx-lab`)
+//! and `lbx-demo`: a [`Topology`] (2 nodes x 2 pods by default), a pod server in every pod,
+//! one real `lb-user standalone` agent per node namespace fed a Kubernetes manifest file, and
+//! helpers to send traffic from the client, read the agents' counters and watch netfilter.
 //!
 //! The Service (`demo/echo`, type LoadBalancer, externalTrafficPolicy Cluster):
 //! - port `http` TCP 80 -> targetPort 8080, nodePort 30080;

@@ -37,22 +37,23 @@ enum Task {
     },
     /// Run every test and the format check: the command CI runs. Needs root.
     Test,
-    /// Run a benchmark suite of lb-tests in release mode; extra arguments go to the suite.
+    /// Run a benchmark suite (lbx-bench, tests/bench) in release mode; extra arguments go to
+    /// the suite.
     Bench {
         suite: Suite,
         /// Passed to the suite's binary, e.g. `--json results.json`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run the lab demo (lb-tests' lbx-demo binary) in release mode.
+    /// Run the lab demo (lbx-lab's lbx-demo binary, tests/lab) in release mode.
     Demo {
         /// Passed to lbx-demo.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// The side-by-side lab (the main job): instance mode through a real kube-proxy vs the
-    /// XDP path vs ip mode on one Service, measured and plotted (lb-tests' lbx-lab binary,
-    /// release build). Installs and builds what it needs first.
+    /// XDP path vs ip mode on one Service, measured and plotted (the lbx-lab crate's
+    /// binary, tests/lab, release build). Installs and builds what it needs first.
     Lab {
         action: run_bin::LabAction,
         /// Passed to `lbx-lab <action>`, e.g. `--json lab.json --html lab.html`.
@@ -102,12 +103,12 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         }
         Task::Demo { args } => {
             setup::run()?;
-            return Ok(exit_code(run_bin::run(run_bin::DEMO_BINARY, &args)?));
+            return Ok(exit_code(run_bin::run(run_bin::DEMO, &args)?));
         }
         Task::Lab { action, args } => {
             let mut forwarded = vec![action.name().to_string()];
             forwarded.extend(args);
-            let mut command = run_bin::command(run_bin::LAB_BINARY, &forwarded);
+            let mut command = run_bin::command(run_bin::LAB, &forwarded);
             if action != run_bin::LabAction::Down {
                 if !cmd::is_root() {
                     anyhow::bail!(

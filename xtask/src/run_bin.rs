@@ -1,5 +1,6 @@
-//! `cargo xtask bench` and `cargo xtask demo`: thin dispatchers to binaries of the lb-tests
-//! crate, built in release so measurements mean something.
+//! `cargo xtask bench`, `cargo xtask demo` and `cargo xtask lab`: thin dispatchers to the
+//! binaries of the lab crate (lbx-lab, `tests/lab`) and the benchmark crate (lbx-bench,
+//! `tests/bench`), built in release so measurements mean something.
 
 use std::process::{Command, ExitStatus};
 
@@ -7,7 +8,19 @@ use clap::ValueEnum;
 
 use crate::cmd::{self, CmdError};
 
-/// Benchmark suites, each a binary of lb-tests named `bench-<suite>`.
+/// A binary of a workspace package.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binary {
+    pub package: &'static str,
+    pub name: &'static str,
+}
+
+/// The package of the benchmark binaries.
+const BENCH_PACKAGE: &str = "lbx-bench";
+/// The package of the lab and the demo.
+const LAB_PACKAGE: &str = "lbx-lab";
+
+/// Benchmark suites, each a binary of lbx-bench named `bench-<suite>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Suite {
     /// ns/packet of the XDP program through BPF_PROG_TEST_RUN at 1 to 10 000 services.
@@ -18,19 +31,29 @@ pub enum Suite {
 }
 
 impl Suite {
-    pub fn binary(self) -> &'static str {
-        match self {
+    pub fn binary(self) -> Binary {
+        let name = match self {
             Suite::Xdp => "bench-xdp",
             Suite::Agent => "bench-agent",
+        };
+        Binary {
+            package: BENCH_PACKAGE,
+            name,
         }
     }
 }
 
-/// Binary of lb-tests that runs the end-to-end demo.
-pub const DEMO_BINARY: &str = "lbx-demo";
+/// The end-to-end demo.
+pub const DEMO: Binary = Binary {
+    package: LAB_PACKAGE,
+    name: "lbx-demo",
+};
 
-/// Binary of lb-tests that runs the side-by-side lab.
-pub const LAB_BINARY: &str = "lbx-lab";
+/// The side-by-side lab.
+pub const LAB: Binary = Binary {
+    package: LAB_PACKAGE,
+    name: "lbx-lab",
+};
 
 /// What `cargo xtask lab` does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -53,16 +76,16 @@ impl LabAction {
     }
 }
 
-/// `cargo run --release -p lb-tests --bin <binary> -- <args>`, from the workspace root.
-pub fn command(binary: &str, args: &[String]) -> Command {
+/// `cargo run --release -p <package> --bin <binary> -- <args>`, from the workspace root.
+pub fn command(binary: Binary, args: &[String]) -> Command {
     let mut c = cmd::cargo();
     c.args([
         "run",
         "--release",
         "--package",
-        "lb-tests",
+        binary.package,
         "--bin",
-        binary,
+        binary.name,
         "--",
     ])
     .args(args)
@@ -71,7 +94,7 @@ pub fn command(binary: &str, args: &[String]) -> Command {
 }
 
 /// Runs the binary; its exit status becomes ours.
-pub fn run(binary: &str, args: &[String]) -> Result<ExitStatus, CmdError> {
+pub fn run(binary: Binary, args: &[String]) -> Result<ExitStatus, CmdError> {
     run_with(command(binary, args))
 }
 
@@ -85,17 +108,27 @@ pub fn run_with(mut c: Command) -> Result<ExitStatus, CmdError> {
 mod tests {
     use super::*;
 
+    fn args(c: &Command) -> Vec<String> {
+        c.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
     #[test]
     fn lab_actions_are_the_binary_subcommands() {
-        let c = command(
-            LAB_BINARY,
-            &[LabAction::Compare.name().into(), "--json".into()],
+        let c = command(LAB, &[LabAction::Compare.name().into(), "--json".into()]);
+        assert_eq!(
+            args(&c)[2..],
+            [
+                "--package",
+                "lbx-lab",
+                "--bin",
+                "lbx-lab",
+                "--",
+                "compare",
+                "--json"
+            ]
         );
-        let args: Vec<_> = c
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(args[5..], ["lbx-lab", "--", "compare", "--json"]);
         assert_eq!(
             [LabAction::Up.name(), LabAction::Down.name()],
             ["up", "down"]
@@ -105,17 +138,13 @@ mod tests {
     #[test]
     fn forwards_arguments_after_the_separator() {
         let c = command(Suite::Xdp.binary(), &["--json".into(), "out.json".into()]);
-        let args: Vec<_> = c
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
         assert_eq!(
-            args,
+            args(&c),
             [
                 "run",
                 "--release",
                 "--package",
-                "lb-tests",
+                "lbx-bench",
                 "--bin",
                 "bench-xdp",
                 "--",
@@ -123,5 +152,13 @@ mod tests {
                 "out.json"
             ]
         );
+    }
+
+    #[test]
+    fn each_binary_runs_from_its_crate() {
+        let run = |b: Binary| (b.package, b.name);
+        assert_eq!(run(Suite::Agent.binary()), ("lbx-bench", "bench-agent"));
+        assert_eq!(run(DEMO), ("lbx-lab", "lbx-demo"));
+        assert_eq!(run(LAB), ("lbx-lab", "lbx-lab"));
     }
 }

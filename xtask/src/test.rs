@@ -16,9 +16,11 @@ use crate::{
 pub const K8S_BIN_DIR_ENV: &str = "LBX_K8S_BIN_DIR";
 pub const ETCD_BIN_ENV: &str = "LBX_ETCD_BIN";
 
-/// The integration-test crate: its tests create network namespaces and attach programs, so
-/// they run one at a time.
-const SERIAL_PACKAGE: &str = "lb-tests";
+/// The packages whose tests create network namespaces, attach programs or run the real
+/// control plane: the harness with the product's integration tests (lb-tests) and the lab
+/// (lbx-lab, whose `lab_compare` runs `lbx-lab` end to end). Their tests run in one step, one
+/// at a time, and are left out of the parallel step.
+const SERIAL_PACKAGES: [&str; 2] = ["lb-tests", "lbx-lab"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum TestError {
@@ -112,22 +114,14 @@ pub fn control_plane_binaries() -> Result<ControlPlaneBinaries, TestError> {
 /// Release builds so BPF and namespace tests run at realistic speed.
 fn steps(binaries: &ControlPlaneBinaries) -> Vec<Step> {
     let mut crates = cmd::cargo();
-    crates.args([
-        "test",
-        "--workspace",
-        "--release",
-        "--exclude",
-        SERIAL_PACKAGE,
-    ]);
+    crates.args(["test", "--workspace", "--release"]);
     let mut integration = cmd::cargo();
-    integration.args([
-        "test",
-        "--release",
-        "--package",
-        SERIAL_PACKAGE,
-        "--",
-        "--test-threads=1",
-    ]);
+    integration.args(["test", "--release"]);
+    for package in SERIAL_PACKAGES {
+        crates.args(["--exclude", package]);
+        integration.args(["--package", package]);
+    }
+    integration.args(["--", "--test-threads=1"]);
     let mut fmt = cmd::cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     let root = cmd::workspace_root();
@@ -184,15 +178,25 @@ mod tests {
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect()
         };
+        // The values of every `flag` before the `--` separator.
+        let values = |args: &[String], flag: &str| -> Vec<String> {
+            let own = args.split(|a| a == "--").next().unwrap_or_default();
+            own.windows(2)
+                .filter(|w| w[0] == flag)
+                .map(|w| w[1].clone())
+                .collect()
+        };
         let crates = args(0);
-        assert!(crates
-            .windows(2)
-            .any(|w| w == ["--exclude", SERIAL_PACKAGE]));
+        assert!(crates.contains(&"--workspace".to_owned()));
         assert!(crates.contains(&"--release".to_owned()));
         let integration = args(1);
-        assert!(integration
-            .windows(2)
-            .any(|w| w == ["--package", SERIAL_PACKAGE]));
+        assert!(!integration.contains(&"--workspace".to_owned()));
+        assert!(integration.contains(&"--release".to_owned()));
+        // Every serial package is left out of the parallel step and run in the serial one,
+        // and nothing else is: nothing runs twice, nothing is dropped.
+        assert_eq!(values(&crates, "--exclude"), SERIAL_PACKAGES);
+        assert_eq!(values(&integration, "--package"), SERIAL_PACKAGES);
+        assert!(values(&crates, "--package").is_empty());
         assert_eq!(
             integration.last().map(String::as_str),
             Some("--test-threads=1")

@@ -5,7 +5,7 @@
 //! the XDP path, hops, the report files, and a teardown that leaves nothing behind. Then
 //! `lab up` / `lab down`.
 //!
-//! Needs root. Run: `cargo test -p lb-tests --release --test lab_compare -- --test-threads=1`.
+//! Needs root. Run: `cargo test -p lbx-lab --release --test lab_compare -- --test-threads=1`.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lb_tests::labreport::{LabFootprint, LabReport, PATHS};
 use lb_tests::netns;
+use lbx_lab::report::{LabFootprint, LabReport, PATHS};
 
 const LAB: &str = env!("CARGO_BIN_EXE_lbx-lab");
 
-/// The per-path client addresses lbx-lab uses (see `path_source` there).
+/// The per-path client addresses lbx-lab uses (see `path_source` in src/paths.rs).
 const INSTANCE_SOURCE: &str = "10.77.0.101";
 const XDP_SOURCE: &str = "10.77.0.102";
 const IP_SOURCE: &str = "10.77.0.103";
@@ -223,7 +223,7 @@ fn compare_measures_three_paths_and_tears_everything_down() {
     assert_eq!(instance.hops_remote, Some(2));
 
     // Target lists: nodes for instance, pods for ip and xdp.
-    let ids = |p: &lb_tests::labreport::PathResult| -> BTreeSet<String> {
+    let ids = |p: &lbx_lab::report::PathResult| -> BTreeSet<String> {
         p.targets
             .iter()
             .map(|t| format!("{}:{}", t.id, t.port))
@@ -251,7 +251,7 @@ fn compare_measures_three_paths_and_tears_everything_down() {
         assert!(s.new_conn_rps > 0.0 && s.p99_us > 0.0, "{s:?}");
         // Two rounds each; the point is their median.
         assert_eq!((s.rounds_rps.len(), s.rounds_p99_us.len()), (2, 2), "{s:?}");
-        assert_eq!(s.new_conn_rps, lb_tests::labreport::median(&s.rounds_rps));
+        assert_eq!(s.new_conn_rps, lbx_lab::report::median(&s.rounds_rps));
     }
     assert!(!report.targets.is_empty());
 

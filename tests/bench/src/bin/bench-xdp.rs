@@ -535,7 +535,7 @@ fn main() -> Result<()> {
         let report = Report {
             cases,
             reference,
-            method: "BPF_PROG_TEST_RUN; see tests/src/bin/bench-xdp.rs",
+            method: "BPF_PROG_TEST_RUN; see tests/bench/src/bin/bench-xdp.rs",
             maglev_size: DEFAULT_MAGLEV_SIZE,
             backends_per_service: args.backends,
             repeat: args.repeat,

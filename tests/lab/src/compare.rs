@@ -1,0 +1,279 @@
+//! `lbx-lab compare`: build the lab, measure the three paths and the sweep, check the
+//! issue's targets, tear down, and write the report (table, JSON, HTML, SVG).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+
+use anyhow::{ensure, Context, Result};
+
+use crate::cli::CompareArgs;
+use crate::cluster::Cluster;
+use crate::machine::{QUIET_BUSY, QUIET_MAX, QUIET_WINDOW};
+use crate::progress::Progress;
+use crate::report::{render, LabFootprint, LabReport, Meta, TargetCheck};
+
+/// `lbx-lab compare`: measures, tears down (also on failure), then prints and writes the
+/// report.
+pub fn compare(c: CompareArgs) -> Result<()> {
+    ensure!(
+        c.duration > 0.0 && c.sweep_duration > 0.0,
+        "durations must be positive"
+    );
+    ensure!(c.connections >= 1, "--connections must be at least 1");
+    ensure!(c.sweep_rounds >= 1, "--sweep-rounds must be at least 1");
+    let progress = Progress::new();
+    let mut sweep: Vec<usize> = c.sweep.clone();
+    sweep.sort_unstable();
+    sweep.dedup();
+    let max_services = sweep
+        .iter()
+        .copied()
+        .chain([c.lab.services])
+        .max()
+        .unwrap_or(1)
+        + 16;
+    let started = utc_now();
+    let mut cluster = Cluster::start(&c.lab, max_services, &progress)?;
+    let outcome = run_compare(&mut cluster, &c, &sweep, &progress, started);
+    if outcome.is_err() {
+        eprintln!(
+            "lbx-lab: the run failed; last log lines:\n{}",
+            cluster.logs()
+        );
+    }
+    let footprint = cluster.footprint();
+    progress.step("tearing down (kube-proxy rules, agents, pods, control plane, namespaces)");
+    let teardown = cluster.shutdown();
+    let mut report = outcome?;
+    teardown?;
+    report.footprint = footprint;
+    progress.step("torn down");
+    println!("{}", render::table(&report));
+    write_outputs(&report, &c)?;
+    Ok(())
+}
+
+fn run_compare(
+    cluster: &mut Cluster,
+    c: &CompareArgs,
+    sweep: &[usize],
+    progress: &Progress,
+    started: String,
+) -> Result<LabReport> {
+    progress.step("creating Service ui/ui-nlb (LoadBalancer, 80 -> 8080) and 1 replica");
+    cluster.create_ui_service()?;
+    cluster.scale_to(1)?;
+    cluster.set_accelerated(true)?;
+    cluster.one_replica_check()?;
+    progress.step(format!("scaling ui to {} replicas", c.lab.replicas));
+    cluster.scale_to(c.lab.replicas)?;
+    cluster.set_accelerated(true)?;
+    cluster.grow_services(c.lab.services, progress)?;
+
+    let mut paths = BTreeMap::new();
+    for path in ["xdp", "instance", "ip"] {
+        cluster.set_accelerated(path != "instance")?;
+        paths.insert(path.to_string(), cluster.measure_path(path, c, progress)?);
+    }
+    cluster.set_accelerated(true)?;
+
+    let mut points = Vec::new();
+    for &n in sweep {
+        if n < c.lab.services {
+            cluster.notes.push(format!(
+                "sweep size {n} skipped: below --services {} (Services are only added)",
+                c.lab.services
+            ));
+            continue;
+        }
+        cluster.grow_services(n, progress)?;
+        points.extend(cluster.sweep_point(n, c, progress)?);
+    }
+
+    let mut notes = cluster.notes.clone();
+    notes.push(
+        "CPU per request: busy time of the whole machine from /proc/stat (user, system, irq, \
+         softirq, steal over every core: load generator, kernel paths and pod servers \
+         together) during the load, divided by its requests (warm-up included). perf stat \
+         cannot give this here: the VM exposes no hardware counters and system-wide \
+         cpu-clock counts idle time."
+            .into(),
+    );
+    notes.push(format!(
+        "Sweep: {} rounds per size, the paths taking turns (each round starts one path \
+         later); a point is the path's median round (every round in rounds_rps). Every load \
+         starts once the machine was at most {:.0}% busy for {} ms (at most {} s of waiting).",
+        c.sweep_rounds,
+        QUIET_BUSY * 100.0,
+        QUIET_WINDOW.as_millis(),
+        QUIET_MAX.as_secs()
+    ));
+    notes.push(
+        "bpf_ns_per_req: run_time_ns of lbx's programs in the node namespaces \
+         (BPF_ENABLE_STATS) during the one-connection-per-request load, per request; \
+         netfilter rule hits and conntrack entries: the same load, every node."
+            .into(),
+    );
+    let meta = Meta {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        started,
+        kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .into(),
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        nodes: c.lab.nodes,
+        replicas: c.lab.replicas,
+        services: c.lab.services,
+        kube_proxy_mode: c.lab.mode().label(),
+        kubernetes_version: lb_tests::controlplane::DEFAULT_K8S_VERSION.into(),
+        duration_s: c.duration,
+        connections: c.connections,
+        notes,
+    };
+    let mut report = LabReport {
+        meta,
+        paths,
+        sweep: points,
+        targets: Vec::new(),
+        footprint: LabFootprint::default(),
+    };
+    report.targets = target_checks(&report);
+    Ok(report)
+}
+
+/// The issue's targets on this run's numbers.
+fn target_checks(r: &LabReport) -> Vec<TargetCheck> {
+    let mut out = Vec::new();
+    let point = |n: usize, path: &str| {
+        r.sweep
+            .iter()
+            .find(|p| p.services == n && p.path == path)
+            .map(|p| p.new_conn_rps)
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    for (n, min) in [(10_000usize, 2.0), (1, 1.2)] {
+        if let Some(x) = ratio(point(n, "xdp"), point(n, "instance")) {
+            out.push(TargetCheck {
+                name: format!("xdp new_conn_rps / instance at {n} services"),
+                measured: x,
+                target: format!(">= {min}"),
+                met: x >= min,
+            });
+        }
+    }
+    let sizes: BTreeSet<usize> = r.sweep.iter().map(|p| p.services).collect();
+    for n in sizes {
+        if let Some(x) = ratio(point(n, "xdp"), point(n, "ip")) {
+            out.push(TargetCheck {
+                name: format!("xdp new_conn_rps / ip at {n} services"),
+                measured: x,
+                target: ">= 0.9 (within 10% of ip mode)".into(),
+                met: x >= 0.9,
+            });
+        }
+    }
+    if let (Some(x), Some(ip)) = (r.paths.get("xdp"), r.paths.get("ip")) {
+        for (what, a, b) in [
+            ("keep-alive", x.p99_us, ip.p99_us),
+            ("new-connection", x.new_conn_p99_us, ip.new_conn_p99_us),
+        ] {
+            if b > 0.0 {
+                out.push(TargetCheck {
+                    name: format!("xdp p99 / ip p99 ({what})"),
+                    measured: a / b,
+                    target: "<= 1.1".into(),
+                    met: a / b <= 1.1,
+                });
+            }
+        }
+        out.push(TargetCheck {
+            name: "xdp keeps the client IP for local delivery".into(),
+            measured: f64::from(u8::from(x.client_ip_preserved)),
+            target: "= 1 (yes)".into(),
+            met: x.client_ip_preserved,
+        });
+        let (xl, il) = (x.hops_local, ip.hops_local);
+        out.push(TargetCheck {
+            name: format!("xdp hops to a local pod ({xl:?}) = ip mode's ({il:?})"),
+            measured: xl.map_or(f64::NAN, f64::from),
+            target: format!("= {}", il.map_or("?".into(), |h| h.to_string())),
+            met: xl.is_some() && xl == il,
+        });
+    }
+    out
+}
+
+fn write_outputs(report: &LabReport, c: &CompareArgs) -> Result<()> {
+    if let Some(path) = &c.json {
+        let text = serde_json::to_string_pretty(report)?;
+        fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("lbx-lab: wrote {}", path.display());
+    }
+    if let Some(path) = &c.html {
+        fs::write(path, render::html(report))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("lbx-lab: wrote {}", path.display());
+    }
+    if let Some(dir) = &c.svg_dir {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (name, svg) in [
+            ("latency-cdf.svg", render::svg_latency_cdf(report)),
+            ("new-conn-vs-services.svg", render::svg_sweep(report)),
+            ("cpu-per-request.svg", render::svg_cpu(report)),
+        ] {
+            let p = dir.join(name);
+            fs::write(&p, svg).with_context(|| format!("writing {}", p.display()))?;
+        }
+        eprintln!("lbx-lab: wrote the plots into {}", dir.display());
+    }
+    Ok(())
+}
+
+/// The current UTC time, RFC 3339 (from `date`, to need no time crate).
+fn utc_now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::SweepPoint;
+
+    #[test]
+    fn checks_follow_the_issue_targets() {
+        let mut r = LabReport::default();
+        for (n, path, rps) in [
+            (1, "xdp", 1300.0),
+            (1, "instance", 1000.0),
+            (1, "ip", 1400.0),
+        ] {
+            r.sweep.push(SweepPoint {
+                services: n,
+                path: path.into(),
+                new_conn_rps: rps,
+                ..SweepPoint::default()
+            });
+        }
+        let checks = target_checks(&r);
+        let get = |name: &str| {
+            checks
+                .iter()
+                .find(|c| c.name.contains(name))
+                .unwrap()
+                .clone()
+        };
+        let a = get("instance at 1 services");
+        assert!((a.measured - 1.3).abs() < 1e-9 && a.met);
+        let b = get("ip at 1 services");
+        assert!((b.measured - 1300.0 / 1400.0).abs() < 1e-9 && b.met);
+        assert!(checks.iter().all(|c| !c.name.contains("10000")));
+    }
+}
