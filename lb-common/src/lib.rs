@@ -129,6 +129,9 @@ pub const BE_ACTIVE: u8 = 1;
 pub const BE_LOCAL: u8 = 2;
 /// `Backend::flags`: terminating: keeps its established flows, gets no new ones.
 pub const BE_TERMINATING: u8 = 4;
+/// `Backend::flags`: on another node, reached through the tunnel to `Backend::node_addr`
+/// (the client's address kept); without it a remote backend is reached by SNAT.
+pub const BE_TUNNEL: u8 = 8;
 
 /// Value of `BACKENDS` (an array indexed by backend id; id 0 reserved). A backend is one
 /// (pod address, target port) pair together with how to deliver to it.
@@ -146,8 +149,11 @@ pub struct Backend {
     pub dmac: [u8; 6],
     /// The MAC of `ifindex`.
     pub smac: [u8; 6],
+    /// Tunnelled (`BE_TUNNEL`): the owning node's address, the outer destination (IPv4, wire
+    /// order); 0 otherwise.
+    pub node_addr: u32,
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 36);
+const _: () = assert!(core::mem::size_of::<Backend>() == 40);
 
 /// `Config::flags`: decrement TTL on forwarded packets like a router (default on).
 pub const CFG_DEC_TTL: u32 = 1;
@@ -155,6 +161,18 @@ pub const CFG_DEC_TTL: u32 = 1;
 /// packets up there (set by userspace with the peers; saves a hash lookup per packet on
 /// nodes without peers).
 pub const CFG_PEERS: u32 = 2;
+
+/// `Config::flags`: tunnel encapsulation is FOU (IPv4 in UDP to `tunnel_port`) instead of
+/// IP-in-IP (IP protocol 4), for networks that drop protocol 4.
+pub const CFG_TUNNEL_FOU: u32 = 4;
+/// `Config::flags`: this node accepts tunnelled requests from its peers (`PEERS`, keyed by
+/// their tunnel addresses) and sends their pods' replies back through the tunnel.
+pub const CFG_TUNNEL: u32 = 8;
+
+/// Bytes an IP-in-IP encapsulation adds (the outer IPv4 header).
+pub const IPIP_OVERHEAD: u16 = 20;
+/// Bytes a FOU encapsulation adds (outer IPv4 and UDP headers).
+pub const FOU_OVERHEAD: u16 = 28;
 
 /// Value of `CONFIG[0]`: per-node settings written by userspace before attaching.
 #[repr(C)]
@@ -180,11 +198,42 @@ pub struct Config {
     /// addresses decide NodePort matches). A ct entry stamped with the current value
     /// (`CtEntry::frontend_epoch`) may skip the frontend lookup; see lb-ebpf's `ct_lookup`.
     pub frontend_epoch: u32,
+    /// This node's tunnel address: the outer source of what it encapsulates, and what its
+    /// peers know it by (IPv4, wire order).
+    pub tunnel_addr: u32,
+    /// FOU's UDP destination port (network byte order), the same on every node.
+    pub tunnel_port: u16,
+    /// The largest IPv4 packet (outer header included) the tunnel path carries: requests
+    /// whose encapsulation would exceed it get an ICMP fragmentation-needed (DF) or go to the
+    /// kernel; TCP SYNs and SYN-ACKs of tunnelled flows get their MSS clamped to fit. 0: no
+    /// limit checked.
+    pub tunnel_mtu: u16,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 44);
+const _: () = assert!(core::mem::size_of::<Config>() == 52);
 
-/// A directional 5-tuple: key of `CONNTRACK` (client -> frontend, as received) and of
-/// `REVNAT` (backend -> client or backend -> SNAT address, as the reply arrives).
+impl Config {
+    /// Bytes the configured encapsulation adds.
+    #[inline(always)]
+    pub const fn tunnel_overhead(&self) -> u16 {
+        if self.flags & CFG_TUNNEL_FOU != 0 {
+            FOU_OVERHEAD
+        } else {
+            IPIP_OVERHEAD
+        }
+    }
+
+    /// The largest MSS whose segments still fit the tunnel (IPv4 and TCP headers without
+    /// options).
+    #[inline(always)]
+    pub const fn tunnel_mss(&self) -> u16 {
+        self.tunnel_mtu
+            .saturating_sub(self.tunnel_overhead())
+            .saturating_sub(40)
+    }
+}
+
+/// A directional 5-tuple: key of `REVNAT` (backend -> SNAT address, as a SNATed flow's
+/// reply arrives) and of `RETURNS` (client -> pod, as a tunnelled request arrives).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtKey {
@@ -216,31 +265,93 @@ pub const REV_CLOSING: u8 = 2;
 /// rejects half of the time (a lost SYN, a one-second stall).
 pub const SNAT_TIME_WAIT_S: u32 = 120;
 
+/// Key of `CONNTRACK`: a flow by its client, as the node that holds it sees it. One entry
+/// serves both directions: a request finds it by its source, a reply (from a local pod, or
+/// back through the tunnel) by its destination, so a new flow costs one map insert. Two
+/// live flows of one client address and port to two frontends of this node cannot both be
+/// held: the second is left to the kernel (`pass_flow_collision`), as kube-proxy handles it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// IPv4, wire order.
+    pub client: u32,
+    /// Network byte order.
+    pub client_port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 8);
+
 /// `CtEntry::flags`: the flow is SNATed to a remote backend.
 pub const CT_SNAT: u8 = 1;
-/// `CtEntry::flags`: the TCP flow saw FIN or RST at `closing_s`; after
+/// `CtEntry::flags`: the TCP flow saw FIN or RST at `stamp_s`; after
 /// `Config::close_grace_s` its next packet is a new flow.
 pub const CT_CLOSING: u8 = 2;
+/// `CtEntry::flags`: the flow's backend is reached through the tunnel.
+pub const CT_TUNNEL: u8 = 4;
 
-/// Value of `CONNTRACK`: which backend an established flow uses.
+/// Seconds a UDP flow's entry may go without a request before another frontend may take
+/// its client tuple (netfilter's UDP timeout).
+pub const UDP_IDLE_S: u32 = 30;
+
+/// Value of `CONNTRACK`: the frontend the client talks to, the backend that serves it, and
+/// how to send the replies back.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
+    /// The frontend (IPv4, wire order): a request must match it, and replies come from it.
+    pub frontend_addr: u32,
+    /// Network byte order.
+    pub frontend_port: u16,
+    /// SNAT source port (network order) when `flags & CT_SNAT`.
+    pub snat_port: u16,
     pub backend_id: u32,
     /// The frontend's service_id when the flow was created; a mismatch (service deleted
     /// and the slot reused) makes the entry stale (checked when `frontend_epoch` is old).
     pub service_id: u32,
-    /// SNAT source port (network order) when `flags & CT_SNAT`.
-    pub snat_port: u16,
-    pub flags: u8,
-    pub _pad: u8,
-    /// Seconds (bpf_ktime_get_ns() / 1e9) when the flow first saw FIN or RST (`CT_CLOSING`).
-    pub closing_s: u32,
     /// `Config::frontend_epoch` when the packet's frontend was last seen to belong to
     /// `service_id`. Another value (0 for entries written by userspace) means "check again".
     pub frontend_epoch: u32,
+    /// Seconds (bpf_ktime_get_ns() / 1e9): when the flow saw FIN or RST (`CT_CLOSING`), else
+    /// for UDP the last request (at most once a second), else when it started.
+    pub stamp_s: u32,
+    /// The interface the client's packets arrive on: replies leave through it.
+    pub ifindex: u32,
+    /// The request's source MAC: the replies' destination MAC.
+    pub client_mac: [u8; 6],
+    /// The request's destination MAC (ours): the replies' source MAC.
+    pub node_mac: [u8; 6],
+    pub flags: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 20);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 44);
+
+/// `ReturnEntry::flags`: the flow arrived FOU-encapsulated; its replies go back that way.
+pub const RET_FOU: u8 = 1;
+
+/// Value of `RETURNS` (key: the tunnelled request's inner 5-tuple, client -> pod, as it
+/// arrives on the owning node): where the pod's replies go back to, the node that holds the
+/// flow and reverse-NATs them. Written by `lb_ingress` when it decapsulates a flow's first
+/// request (TCP: the SYN) or finds none; read by `lb_reply` for every reply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReturnEntry {
+    /// The holding node's tunnel address: the replies' outer destination.
+    pub peer: u32,
+    /// Our interface the requests arrive on: the replies leave through it.
+    pub ifindex: u32,
+    /// The requests' source MAC (the peer or its next hop): the replies' destination MAC.
+    pub peer_mac: [u8; 6],
+    /// The requests' destination MAC (ours).
+    pub node_mac: [u8; 6],
+    pub flags: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+    /// Seconds (bpf_ktime_get_ns() / 1e9) when it was recorded.
+    pub stamp_s: u32,
+}
+const _: () = assert!(core::mem::size_of::<ReturnEntry>() == 28);
 
 /// Value of `REVNAT`: how to turn a reply back into what the client expects.
 #[repr(C)]
@@ -309,10 +420,14 @@ const _: () = {
     assert!(offset_of!(RevNatEntry, client_mac) % 2 == 0);
     assert!(offset_of!(RevNatEntry, node_mac) % 2 == 0);
     assert!(offset_of!(LocalEndpoint, mac) % 2 == 0);
+    assert!(offset_of!(CtEntry, client_mac) % 2 == 0 && offset_of!(CtEntry, node_mac) % 2 == 0);
+    assert!(offset_of!(ReturnEntry, peer_mac) % 2 == 0);
+    assert!(offset_of!(ReturnEntry, node_mac) % 2 == 0);
     assert!(offset_of!(LocalEndpoint, node_mac) % 2 == 0);
     assert!(offset_of!(PeerNode, mac) % 2 == 0 && offset_of!(PeerNode, node_mac) % 2 == 0);
     assert!(align_of::<Backend>() >= 2 && align_of::<RevNatEntry>() >= 2);
     assert!(align_of::<LocalEndpoint>() >= 2 && align_of::<PeerNode>() >= 2);
+    assert!(align_of::<CtEntry>() >= 2 && align_of::<ReturnEntry>() >= 2);
 };
 
 /// Key of `AFFINITY`: sessionAffinity ClientIP per service.
@@ -344,6 +459,8 @@ mod pod_impls {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for ReturnEntry {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for RevNatEntry {}
     unsafe impl aya::Pod for AffinityKey {}

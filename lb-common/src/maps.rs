@@ -120,11 +120,13 @@ macro_rules! map_catalogue {
             /// backends; read by `lb_ingress` for requests a peer node forwarded (see `PEERS`).
             LOCAL_ENDPOINTS: HashMap<u32, $crate::LocalEndpoint> [16384, 0, Fixed, Agent];
 
-            /// The other nodes' SNAT addresses (wire order): a packet from one of them to a
-            /// local endpoint is a request that node's lbx already load-balanced, so it goes
-            /// straight into the pod, and the pod's replies to it straight out again (no
-            /// netfilter on this node either). Userspace writes the keys (zero values);
-            /// `lb_ingress` fills in the interface and MACs the peer's requests arrive with.
+            /// The other nodes' addresses (wire order): their tunnel addresses, from which
+            /// encapsulated requests are accepted (tunnel mode), and their SNAT addresses, from
+            /// which plain requests to a local endpoint are (SNAT mode): either is a request
+            /// that node's lbx already load-balanced, so it goes straight into the pod, and the
+            /// pod's replies straight back (no netfilter on this node either). Userspace writes
+            /// the keys (zero values); `lb_ingress` fills in the interface and MACs the peer's
+            /// requests arrive with.
             PEERS: HashMap<u32, $crate::PeerNode> [1024, 0, Fixed, Program];
 
             /// Maglev lookup tables, one ring of `Config::maglev_size` backend ids per service
@@ -134,15 +136,22 @@ macro_rules! map_catalogue {
             /// positions are rewritten, through mmap.
             MAGLEV: Array<u32, [u32; 2]> [64 * 16381 / 2, $crate::maps::BPF_F_MMAPABLE, RingSlots, Agent];
 
-            /// Connection tracking, client -> frontend 5-tuple as received -> chosen backend.
-            /// Written by the XDP program on a flow's first packet (TCP: its SYN); LRU so it
-            /// never fills up.
-            CONNTRACK: LruHashMap<$crate::CtKey, $crate::CtEntry> [262144, $crate::maps::BPF_F_NO_COMMON_LRU, Flows, Program];
+            /// Connection tracking by client (address, port, protocol) -> the frontend, the
+            /// chosen backend and how replies go back: one entry per flow serves both
+            /// directions (requests by source, replies by destination). Written by the XDP
+            /// program on a flow's first packet (TCP: its SYN); LRU so it never fills up.
+            CONNTRACK: LruHashMap<$crate::FlowKey, $crate::CtEntry> [262144, $crate::maps::BPF_F_NO_COMMON_LRU, Flows, Program];
 
-            /// Reverse NAT, keyed by the reply's 5-tuple as it reaches this node: what to
-            /// restore. Written by the XDP program with the ct entry; read by the TC reply
-            /// program (local backends) and the XDP program (replies to SNATed flows).
+            /// Reverse SNAT (SNAT mode), keyed by the reply's 5-tuple as it reaches this node
+            /// (backend -> SNAT address and port): what to restore. Written by the XDP program
+            /// with the ct entry of a SNATed flow, read by it for the replies.
             REVNAT: LruHashMap<$crate::CtKey, $crate::RevNatEntry> [262144, $crate::maps::BPF_F_NO_COMMON_LRU, Flows, Program];
+
+            /// Tunnelled flows whose pods are on this node, by the inner 5-tuple as the
+            /// requests arrive (client -> pod): the node that holds each flow, where the pod's
+            /// replies go back. Written by the XDP program on a flow's first decapsulated
+            /// request, read by the TC program for the replies.
+            RETURNS: LruHashMap<$crate::CtKey, $crate::ReturnEntry> [262144, $crate::maps::BPF_F_NO_COMMON_LRU, Flows, Program];
 
             /// sessionAffinity ClientIP: {client, service slot} -> backend and last use.
             AFFINITY: LruHashMap<$crate::AffinityKey, $crate::AffinityEntry> [65536, $crate::maps::BPF_F_NO_COMMON_LRU, Affinity, Program];
@@ -216,10 +225,11 @@ mod tests {
 
     #[test]
     fn programs_write_flow_state_and_counters_only() {
-        let written: [&str; 5] = [
+        let written: [&str; 6] = [
             PEERS::SPEC.name,
             CONNTRACK::SPEC.name,
             REVNAT::SPEC.name,
+            RETURNS::SPEC.name,
             AFFINITY::SPEC.name,
             STATS::SPEC.name,
         ];

@@ -78,8 +78,38 @@ reasons! {
     /// connection is the kernel's (its SYN was passed, or it predates lbx). lbx starts TCP
     /// flows that have no entry only at a SYN.
     PassMidStream = 24, "pass_mid_stream";
+    /// Request DNATed and encapsulated to the node that owns its backend (client address
+    /// kept).
+    FwdTunnel = 25, "fwd_tunnel";
+    /// A tunnelled request from a peer node, decapsulated and redirected into the pod's veth.
+    TunnelIn = 26, "tunnel_in";
+    /// A local pod's reply to a tunnelled flow, encapsulated back to the node that holds the
+    /// flow (TC).
+    TunnelReply = 27, "tunnel_reply";
+    /// A reply that came back through the tunnel, decapsulated, reverse-NATed and sent to the
+    /// client.
+    RevNatTunnel = 28, "rev_nat_tunnel";
+    /// An encapsulated packet from an address that is not a known peer node: passed.
+    PassTunnelPeer = 29, "pass_tunnel_peer";
+    /// An encapsulated packet whose inner packet lbx does not deliver (not to a local pod,
+    /// not a reply of a flow held here, malformed, a fragment, IP options): passed.
+    PassTunnelInner = 30, "pass_tunnel_inner";
+    /// A request too large for the tunnel with DF set: answered with ICMP
+    /// fragmentation-needed carrying the tunnel's MTU (the sender retries smaller).
+    IcmpTooBig = 31, "icmp_too_big";
+    /// A request too large for the tunnel without DF: passed (lbx does not fragment).
+    PassTooBig = 32, "pass_too_big";
+    /// An ICMP error from a backend about a NATed flow (port unreachable, fragmentation
+    /// needed, TTL exceeded), translated back to the client.
+    IcmpRevNat = 33, "icmp_rev_nat";
+    /// An ICMP error from the path about a reply of a NATed flow, translated and delivered
+    /// to its pod.
+    IcmpToBackend = 34, "icmp_to_backend";
+    /// A new flow whose client address and port a live flow of this node to another
+    /// frontend holds: passed to the kernel.
+    PassFlowCollision = 35, "pass_flow_collision";
 }
 
 /// Size of the `STATS` array.
-pub const NUM_REASONS: u32 = 32;
+pub const NUM_REASONS: u32 = 64;
 const _: () = assert!((Reason::ALL.len() as u32) <= NUM_REASONS);

@@ -1,6 +1,12 @@
 //! The load-balancing decisions, in pipeline order: is_service_port, ct_lookup (ct_reuse),
 //! lookup_service (ct_recheck), select_backend, ct_create (with SNAT port allocation for
-//! remote backends).
+//! remote backends in SNAT mode), and reply_lookup for the way back.
+//!
+//! One CONNTRACK entry per flow, keyed by the client (address, port, protocol) the node that
+//! holds the flow sees: a request finds it by its source, a reply by its destination, so a
+//! new flow is one map insert. The entry names its frontend; a request to another frontend
+//! from the same client tuple is another flow, which this node cannot hold at the same time
+//! (it goes to the kernel, `pass_flow_collision`) unless the old one is over.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -8,9 +14,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     hash::{client_hash, flow_hash},
-    port_be, port_host, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, Frontend,
-    FrontendKey, LocalEndpoint, PeerNode, Reason, RevNatEntry, BE_ACTIVE, BE_LOCAL, BE_TERMINATING,
-    CFG_PEERS, CT_CLOSING, CT_SNAT, FE_AFFINITY, REV_CLOSING, REV_SNAT, SNAT_TIME_WAIT_S,
+    port_be, port_host, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, FlowKey,
+    Frontend, FrontendKey, LocalEndpoint, PeerNode, Reason, RevNatEntry, BE_ACTIVE, BE_LOCAL,
+    BE_TERMINATING, BE_TUNNEL, CFG_PEERS, CT_CLOSING, CT_SNAT, CT_TUNNEL, FE_AFFINITY, PROTO_UDP,
+    REV_CLOSING, REV_SNAT, SNAT_TIME_WAIT_S, UDP_IDLE_S,
 };
 
 use crate::{
@@ -26,7 +33,7 @@ const SNAT_PROBES: u32 = 8;
 const NS_PER_S: u64 = 1_000_000_000;
 
 /// The backend a packet goes to (its `BACKENDS` entry, read in place), and the SNAT source
-/// port when it is remote.
+/// port when it is SNATed.
 pub struct Flow {
     pub backend: &'static Backend,
     pub snat_port: u16,
@@ -41,10 +48,26 @@ fn is_node_addr(cfg: &Config, addr: u32) -> bool {
             || cfg.node_addrs[3] == addr)
 }
 
-/// The packet's own 5-tuple as a ct/reverse-NAT key.
+/// The CONNTRACK key of a request: its source is the client.
 #[inline(always)]
-pub fn ct_key(p: &Parsed) -> &CtKey {
-    &p.key
+pub fn request_key(p: &Parsed) -> FlowKey {
+    FlowKey {
+        client: p.key.saddr,
+        client_port: p.key.sport,
+        proto: p.key.proto,
+        _pad: 0,
+    }
+}
+
+/// The CONNTRACK key of a reply: its destination is the client.
+#[inline(always)]
+pub fn reply_flow_key(p: &Parsed) -> FlowKey {
+    FlowKey {
+        client: p.key.daddr,
+        client_port: p.key.dport,
+        proto: p.key.proto,
+        _pad: 0,
+    }
 }
 
 /// Is this a reply to a flow we SNATed towards a remote backend? Only packets addressed to
@@ -58,9 +81,30 @@ pub fn snat_reply_lookup(cfg: &Config, p: &Parsed) -> Option<*mut RevNatEntry> {
     if port < cfg.snat_port_min || port > cfg.snat_port_max {
         return None;
     }
-    let rev = revnat_lookup(cfg, p, ct_key(p))?;
-    if unsafe { (*rev).flags } & REV_SNAT == 0 {
+    let rev = REVNAT.get_ptr_mut(&p.key)?;
+    let flags = unsafe { (*rev).flags };
+    if flags & REV_SNAT == 0 {
         return None;
+    }
+    if flags & REV_CLOSING != 0
+        && (p.is_syn() || closed_for(unsafe { (*rev).stamp_s }) > cfg.close_grace_s)
+    {
+        // The entry stays (its port taken) until SNAT_TIME_WAIT_S; snat_alloc ages it.
+        return None;
+    }
+    if p.is_fin_or_rst() && flags & REV_CLOSING == 0 {
+        let now_s = now_s();
+        revnat_closing(rev, now_s);
+        let r = unsafe { &*rev };
+        let fkey = FlowKey {
+            client: r.client_addr,
+            client_port: r.client_port,
+            proto: p.key.proto,
+            _pad: 0,
+        };
+        if let Some(ct) = CONNTRACK.get_ptr_mut(&fkey) {
+            ct_closing(ct, now_s);
+        }
     }
     Some(rev)
 }
@@ -96,18 +140,18 @@ pub fn peer_learn(peer: *mut PeerNode, ifindex: u32, peer_mac: [u8; 6], node_mac
 
 /// Byte by byte: `==` on arrays can become a `bcmp` call, which BPF does not have.
 #[inline(always)]
-fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
+pub fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5]
 }
 
 /// A local pod's reply to a peer's SNAT address: the peer entry, once a request of that
 /// peer taught us where it is (`ifindex != 0`).
 #[inline(always)]
-pub fn peer_reply_lookup(cfg: &Config, p: &Parsed) -> Option<PeerNode> {
+pub fn peer_reply_lookup(cfg: &Config, daddr: u32) -> Option<PeerNode> {
     if cfg.flags & CFG_PEERS == 0 {
         return None;
     }
-    let peer = unsafe { PEERS.get(&p.key.daddr) }?;
+    let peer = unsafe { PEERS.get(&daddr) }?;
     if peer.ifindex == 0 {
         return None;
     }
@@ -149,7 +193,7 @@ pub fn lookup_service(cfg: &Config, p: &Parsed) -> Option<Frontend> {
 }
 
 #[inline(always)]
-fn backend(id: u32) -> Option<&'static Backend> {
+pub fn backend(id: u32) -> Option<&'static Backend> {
     let be = BACKENDS.get(id)?;
     if be.flags & BE_ACTIVE == 0 {
         return None;
@@ -157,7 +201,7 @@ fn backend(id: u32) -> Option<&'static Backend> {
     Some(be)
 }
 
-/// The conntrack entry of the packet's 5-tuple, as `ct_lookup` found it.
+/// The conntrack entry of the packet's client, as `ct_lookup` found it.
 pub enum CtLookup {
     /// No entry: a new flow.
     Miss,
@@ -167,6 +211,9 @@ pub enum CtLookup {
     /// From before the last frontend change: valid only if `lookup_service` still finds a
     /// frontend of the entry's service (see [`ct_recheck`]).
     Unchecked(*mut CtEntry),
+    /// The client's entry is for another frontend: another flow of the same client tuple
+    /// (see [`ct_take_over`]).
+    Other(*mut CtEntry),
 }
 
 /// Looks up the flow before the frontend (an established flow is the common case, and one
@@ -181,10 +228,18 @@ pub enum CtLookup {
 /// each moves the epoch, so none of them can leave a flow forwarded on a stale entry.
 #[inline(always)]
 pub fn ct_lookup(p: &Parsed, epoch: u32) -> CtLookup {
-    match CONNTRACK.get_ptr_mut(ct_key(p)) {
+    match CONNTRACK.get_ptr_mut(&request_key(p)) {
         None => CtLookup::Miss,
-        Some(ct) if unsafe { (*ct).frontend_epoch } == epoch => CtLookup::Current(ct),
-        Some(ct) => CtLookup::Unchecked(ct),
+        Some(ct) => {
+            let e = unsafe { &*ct };
+            if e.frontend_addr != p.key.daddr || e.frontend_port != p.key.dport {
+                CtLookup::Other(ct)
+            } else if e.frontend_epoch == epoch {
+                CtLookup::Current(ct)
+            } else {
+                CtLookup::Unchecked(ct)
+            }
+        }
     }
 }
 
@@ -215,31 +270,45 @@ pub fn ct_recheck(
     ct_reuse(cfg, p, ct)
 }
 
+/// May a new flow (`p` opens one) take the client tuple of `other`, a flow to another
+/// frontend? Yes when that flow is over: closed (FIN/RST) and this is a SYN or its grace
+/// passed, or a UDP flow idle for `UDP_IDLE_S`. Otherwise the two cannot share the entry.
+#[inline(always)]
+pub fn ct_take_over(cfg: &Config, p: &Parsed, other: *mut CtEntry) -> bool {
+    let e = unsafe { &*other };
+    if e.flags & CT_CLOSING != 0 {
+        return p.is_syn() || closed_for(e.stamp_s) > cfg.close_grace_s;
+    }
+    p.key.proto == PROTO_UDP && closed_for(e.stamp_s) > UDP_IDLE_S
+}
+
 /// Established flow: reuse its backend while it exists, so backend-set changes do not break
 /// it. A terminating backend keeps its flows, but a new SYN on the same tuple reselects. A
 /// TCP flow that saw FIN or RST keeps its backend for `close_grace_s`, then (or on a new
-/// SYN) the tuple is a new flow.
+/// SYN) the tuple is a new flow. A UDP flow's stamp follows its requests (once a second).
 #[inline(always)]
 pub fn ct_reuse(cfg: &Config, p: &Parsed, ct: *mut CtEntry) -> Option<Flow> {
     let ct = unsafe { &mut *ct };
-    if ct.flags & CT_CLOSING != 0 && (p.is_syn() || closed_for(ct.closing_s) > cfg.close_grace_s) {
+    if ct.flags & CT_CLOSING != 0 && (p.is_syn() || closed_for(ct.stamp_s) > cfg.close_grace_s) {
         return None;
     }
     let be = backend(ct.backend_id)?;
     if be.flags & BE_TERMINATING != 0 && p.is_syn() {
         return None;
     }
-    if p.is_fin_or_rst() && ct.flags & CT_CLOSING == 0 {
+    if p.key.proto == PROTO_UDP {
         let now_s = now_s();
-        ct.flags |= CT_CLOSING;
-        ct.closing_s = now_s;
-        let rkey = if ct.flags & CT_SNAT != 0 {
-            reply_key(be, cfg.snat_addr, ct.snat_port, p.key.proto)
-        } else {
-            reply_key(be, p.key.saddr, p.key.sport, p.key.proto)
-        };
-        if let Some(rev) = REVNAT.get_ptr_mut(&rkey) {
-            revnat_closing(rev, now_s);
+        if ct.stamp_s != now_s {
+            ct.stamp_s = now_s;
+        }
+    } else if p.is_fin_or_rst() && ct.flags & CT_CLOSING == 0 {
+        let now_s = now_s();
+        ct_closing(ct, now_s);
+        if ct.flags & CT_SNAT != 0 {
+            let rkey = reply_key(be, cfg.snat_addr, ct.snat_port, p.key.proto);
+            if let Some(rev) = REVNAT.get_ptr_mut(&rkey) {
+                revnat_closing(rev, now_s);
+            }
         }
     }
     Some(Flow {
@@ -249,13 +318,13 @@ pub fn ct_reuse(cfg: &Config, p: &Parsed, ct: *mut CtEntry) -> Option<Flow> {
 }
 
 #[inline(always)]
-fn now_s() -> u32 {
+pub fn now_s() -> u32 {
     (unsafe { bpf_ktime_get_ns() } / NS_PER_S) as u32
 }
 
 /// Seconds since `since_s`.
 #[inline(always)]
-fn closed_for(since_s: u32) -> u32 {
+pub fn closed_for(since_s: u32) -> u32 {
     now_s().wrapping_sub(since_s)
 }
 
@@ -283,48 +352,40 @@ fn revnat_closing(rev: *mut RevNatEntry, now_s: u32) {
     }
 }
 
-/// A reply's reverse-NAT entry, unless its flow closed more than `close_grace_s` ago, or
-/// closed at all and this is a SYN-ACK: the tuple now belongs to some other connection (the
-/// client talking to the pod directly, or kube-proxy's masquerade picking the same node
-/// port). Then a local entry is deleted; a SNAT entry stays, so its port is not handed out
-/// again before `SNAT_TIME_WAIT_S`. A FIN or RST in the reply marks the flow closing, in the
-/// reverse-NAT entry and in the client's ct entry.
 #[inline(always)]
-pub fn revnat_lookup(cfg: &Config, p: &Parsed, key: &CtKey) -> Option<*mut RevNatEntry> {
-    let rev = REVNAT.get_ptr_mut(key)?;
-    let flags = unsafe { (*rev).flags };
-    if flags & REV_CLOSING != 0
-        && (p.is_syn() || closed_for(unsafe { (*rev).stamp_s }) > cfg.close_grace_s)
-    {
-        // A SNAT entry stays (its port taken) until SNAT_TIME_WAIT_S; snat_alloc ages it.
-        if flags & REV_SNAT == 0 {
-            let _ = REVNAT.remove(key);
+fn ct_closing(ct: *mut CtEntry, now_s: u32) {
+    unsafe {
+        if (*ct).flags & CT_CLOSING == 0 {
+            (*ct).flags |= CT_CLOSING;
+            (*ct).stamp_s = now_s;
         }
+    }
+}
+
+/// A reply from `p`'s source to a client of ours: the flow's entry (by the reply's
+/// destination) when its backend is that source and its delivery is `delivery` (0 for a
+/// local pod, `CT_TUNNEL` for a reply back through the tunnel). None when the flow closed
+/// more than `close_grace_s` ago, or closed at all and this is a SYN-ACK: the tuple then
+/// belongs to some other connection (the client talking to the pod directly, say). A FIN or
+/// RST in the reply marks the flow closing.
+#[inline(always)]
+pub fn reply_lookup(cfg: &Config, p: &Parsed, delivery: u8) -> Option<*mut CtEntry> {
+    let ct = CONNTRACK.get_ptr_mut(&reply_flow_key(p))?;
+    let e = unsafe { &*ct };
+    if e.flags & (CT_SNAT | CT_TUNNEL) != delivery {
         return None;
     }
-    if p.is_fin_or_rst() && flags & REV_CLOSING == 0 {
-        let now_s = now_s();
-        revnat_closing(rev, now_s);
-        let r = unsafe { &*rev };
-        let fkey = CtKey {
-            saddr: r.client_addr,
-            daddr: r.frontend_addr,
-            sport: r.client_port,
-            dport: r.frontend_port,
-            proto: p.key.proto,
-            _pad0: 0,
-            _pad1: 0,
-        };
-        if let Some(ct) = CONNTRACK.get_ptr_mut(&fkey) {
-            unsafe {
-                if (*ct).flags & CT_CLOSING == 0 {
-                    (*ct).flags |= CT_CLOSING;
-                    (*ct).closing_s = now_s;
-                }
-            }
-        }
+    let be = backend(e.backend_id)?;
+    if be.addr[0] != p.key.saddr || be.port != p.key.sport {
+        return None;
     }
-    Some(rev)
+    if e.flags & CT_CLOSING != 0 && (p.is_syn() || closed_for(e.stamp_s) > cfg.close_grace_s) {
+        return None;
+    }
+    if p.is_fin_or_rst() {
+        ct_closing(ct, now_s());
+    }
+    Some(ct)
 }
 
 /// The packet's flow hash: its Maglev slot and its first SNAT port probe. Computed once per
@@ -398,8 +459,8 @@ pub fn select_backend(
     Ok((id, be))
 }
 
-/// Records the new flow: the ct entry, and the reverse-NAT entry its replies will hit. For a
-/// remote backend this allocates the SNAT source port.
+/// Records the new flow: one CONNTRACK entry (both directions find it). A backend reached by
+/// SNAT also gets its SNAT port and the REVNAT entry its replies are found by.
 #[inline(always)]
 pub fn ct_create(
     cfg: &Config,
@@ -413,38 +474,45 @@ pub fn ct_create(
     epoch: u32,
     hash: u32,
 ) -> Result<Flow, Reason> {
-    let mut rev = RevNatEntry {
+    let now_s = now_s();
+    let mut ct = CtEntry {
         frontend_addr: p.key.daddr,
-        client_addr: p.key.saddr,
         frontend_port: p.key.dport,
-        client_port: p.key.sport,
+        snat_port: 0,
+        backend_id: id,
+        service_id: fe.service_id,
+        frontend_epoch: epoch,
+        stamp_s: now_s,
         ifindex: ingress_ifindex,
         client_mac,
         node_mac,
         flags: 0,
         _pad0: 0,
         _pad1: 0,
-        stamp_s: 0,
     };
-    let mut ct = CtEntry {
-        backend_id: id,
-        service_id: fe.service_id,
-        snat_port: 0,
-        flags: 0,
-        _pad: 0,
-        closing_s: 0,
-        frontend_epoch: epoch,
-    };
-
-    if be.flags & BE_LOCAL != 0 {
-        let rkey = reply_key(be, p.key.saddr, p.key.sport, p.key.proto);
-        REVNAT.insert(&rkey, &rev, 0).map_err(|_| Reason::PassCtFull)?;
-    } else {
-        ct.snat_port = snat_alloc(cfg, p, be, &mut rev, hash)?;
-        ct.flags = CT_SNAT;
+    if be.flags & BE_LOCAL == 0 {
+        if be.flags & BE_TUNNEL != 0 {
+            ct.flags = CT_TUNNEL;
+        } else {
+            let mut rev = RevNatEntry {
+                frontend_addr: p.key.daddr,
+                client_addr: p.key.saddr,
+                frontend_port: p.key.dport,
+                client_port: p.key.sport,
+                ifindex: ingress_ifindex,
+                client_mac,
+                node_mac,
+                flags: REV_SNAT,
+                _pad0: 0,
+                _pad1: 0,
+                stamp_s: now_s,
+            };
+            ct.snat_port = snat_alloc(cfg, p, be, &mut rev, hash, now_s)?;
+            ct.flags = CT_SNAT;
+        }
     }
     CONNTRACK
-        .insert(ct_key(p), &ct, 0)
+        .insert(&request_key(p), &ct, 0)
         .map_err(|_| Reason::PassCtFull)?;
     Ok(Flow {
         backend: be,
@@ -461,14 +529,12 @@ fn snat_alloc(
     be: &Backend,
     rev: &mut RevNatEntry,
     start: u32,
+    now_s: u32,
 ) -> Result<u16, Reason> {
     if cfg.snat_addr == 0 || cfg.snat_port_max < cfg.snat_port_min {
         return Err(Reason::PassSnatExhausted);
     }
     let range = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
-    let now_s = now_s();
-    rev.flags = REV_SNAT;
-    rev.stamp_s = now_s;
     let mut i = 0;
     while i < SNAT_PROBES {
         // The first probe is the tuple's hash (predictable); the others are random: a client

@@ -10,7 +10,9 @@ use lb_common::{csum, Reason, CFG_DEC_TTL, PROTO_UDP};
 
 use core::ptr::addr_of_mut;
 
-use crate::parse::{copy_mac, ptr_at, EthHdr, Ipv4Hdr, Ipv4TcpHead, Ipv4UdpHead, Parsed, Ports};
+use crate::parse::{
+    copy_mac, ptr_at, EthHdr, Ipv4Hdr, Ipv4TcpHead, Ipv4UdpHead, PacketBuf, Parsed, Ports,
+};
 
 /// What the packet's headers become. The MACs are borrowed from the map value (or its copy)
 /// that holds them, so they go into the packet without a detour over the stack.
@@ -85,6 +87,41 @@ pub fn rewrite_xdp(ctx: &XdpContext, p: &Parsed, r: &Rewrite, cfg_flags: u32) ->
     Ok(())
 }
 
+/// The router's TTL decrement of the IPv4 header at `p.l3_off` (its checksum follows; the L4
+/// checksum does not cover the TTL), for direct packet access (XDP; TC after a pull).
+#[inline(always)]
+pub fn dec_ttl<C: PacketBuf>(ctx: &C, p: &Parsed, cfg_flags: u32) -> Result<(), Reason> {
+    if cfg_flags & CFG_DEC_TTL == 0 {
+        return Ok(());
+    }
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Reason::PassInternal)?;
+    unsafe {
+        let ip = &mut *ip;
+        let new_ttl = p.ttl - 1;
+        ip.check = csum::replace2(ip.check, ttl_word(p.ttl, p.key.proto), ttl_word(new_ttl, p.key.proto));
+        ip.ttl = new_ttl;
+    }
+    Ok(())
+}
+
+/// The TTL decrement for TC, through the kernel's checksum helper.
+#[inline(always)]
+pub fn dec_ttl_tc(ctx: &mut TcContext, p: &Parsed, cfg_flags: u32) -> Result<(), Reason> {
+    if cfg_flags & CFG_DEC_TTL == 0 {
+        return Ok(());
+    }
+    let e = |_| Reason::PassInternal;
+    let new_ttl = p.ttl - 1;
+    ctx.l3_csum_replace(
+        p.l3_off + IP_CSUM_OFF,
+        ttl_word(p.ttl, p.key.proto) as u64,
+        ttl_word(new_ttl, p.key.proto) as u64,
+        2,
+    )
+    .map_err(e)?;
+    ctx.store(p.l3_off + IP_TTL_OFF, &new_ttl, 0).map_err(e)
+}
+
 /// Forwards an XDP packet as a router would, addresses and ports untouched: new MACs and
 /// the TTL decrement (the IPv4 checksum follows; the L4 checksum does not cover the TTL).
 #[inline(always)]
@@ -96,18 +133,11 @@ pub fn forward_xdp(
     cfg_flags: u32,
 ) -> Result<(), Reason> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassInternal)?;
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Reason::PassInternal)?;
     unsafe {
         copy_mac(addr_of_mut!((*eth).dst), dmac);
         copy_mac(addr_of_mut!((*eth).src), smac);
-        if cfg_flags & CFG_DEC_TTL != 0 {
-            let ip = &mut *ip;
-            let new_ttl = p.ttl - 1;
-            ip.check = csum::replace2(ip.check, ttl_word(p.ttl, p.key.proto), ttl_word(new_ttl, p.key.proto));
-            ip.ttl = new_ttl;
-        }
     }
-    Ok(())
+    dec_ttl(ctx, p, cfg_flags)
 }
 
 /// [`forward_xdp`] for TC (a local pod's reply to a peer node): MACs and TTL only.
@@ -120,17 +150,7 @@ pub fn forward_tc(
     cfg_flags: u32,
 ) -> Result<(), Reason> {
     let e = |_| Reason::PassInternal;
-    if cfg_flags & CFG_DEC_TTL != 0 {
-        let new_ttl = p.ttl - 1;
-        ctx.l3_csum_replace(
-            p.l3_off + IP_CSUM_OFF,
-            ttl_word(p.ttl, p.key.proto) as u64,
-            ttl_word(new_ttl, p.key.proto) as u64,
-            2,
-        )
-        .map_err(e)?;
-        ctx.store(p.l3_off + IP_TTL_OFF, &new_ttl, 0).map_err(e)?;
-    }
+    dec_ttl_tc(ctx, p, cfg_flags)?;
     ctx.store(0, dmac, 0).map_err(e)?;
     ctx.store(ETH_SRC_OFF, smac, 0).map_err(e)?;
     Ok(())

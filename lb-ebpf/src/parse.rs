@@ -147,14 +147,18 @@ pub struct Ipv4UdpHead {
 const _: () = assert!(size_of::<Ipv4UdpHead>() == IPV4_HLEN + UDP_HLEN);
 
 pub const ETH_HLEN: usize = 14;
-const VLAN_HLEN: usize = 4;
-const IPV4_HLEN: usize = 20;
-const TCP_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
-const ETH_P_IP: u16 = u16::from_ne_bytes(0x0800u16.to_be_bytes());
-const ETH_P_8021Q: u16 = u16::from_ne_bytes(0x8100u16.to_be_bytes());
+pub const VLAN_HLEN: usize = 4;
+pub const IPV4_HLEN: usize = 20;
+pub const TCP_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+pub const ETH_P_IP: u16 = u16::from_ne_bytes(0x0800u16.to_be_bytes());
+pub const ETH_P_8021Q: u16 = u16::from_ne_bytes(0x8100u16.to_be_bytes());
 /// MF flag and fragment offset, network byte order.
 const IP_MF_OFFSET: u16 = u16::from_ne_bytes(0x3fffu16.to_be_bytes());
+/// The DF flag, network byte order.
+pub const IP_DF: u16 = u16::from_ne_bytes(0x4000u16.to_be_bytes());
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_IPIP: u8 = 4;
 pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
@@ -165,14 +169,18 @@ pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
 
 /// A parsed IPv4 TCP/UDP packet: offsets and the fields the pipeline needs (wire order).
-/// The 5-tuple is kept as the conntrack key it is looked up with, so the packet's fields
-/// sit on the stack once, already in the shape the map helpers take.
+/// The 5-tuple is kept as the key it is looked up with, so the packet's fields sit on the
+/// stack once, already in the shape the map helpers take.
 pub struct Parsed {
     pub l3_off: usize,
     pub l4_off: usize,
     pub key: CtKey,
     pub ttl: u8,
     pub tcp_flags: u8,
+    /// IPv4 total length (host order).
+    pub tot_len: u16,
+    /// The IPv4 header's DF bit.
+    pub df: bool,
 }
 
 impl Parsed {
@@ -201,8 +209,18 @@ impl Parsed {
     }
 }
 
+/// An IPv4 header lbx may handle: version 4, no options, not a fragment.
+pub struct Ip {
+    pub l3_off: usize,
+    pub proto: u8,
+    pub ttl: u8,
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+/// Ethernet and one optional 802.1Q tag: the offset of the IPv4 header.
 #[inline(always)]
-pub fn parse<C: PacketBuf>(ctx: &C) -> Result<Parsed, Reason> {
+pub fn parse_eth<C: PacketBuf>(ctx: &C) -> Result<usize, Reason> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassTruncEth)?;
     let mut ethertype = unsafe { (*eth).proto };
     let mut l3_off = ETH_HLEN;
@@ -214,7 +232,40 @@ pub fn parse<C: PacketBuf>(ctx: &C) -> Result<Parsed, Reason> {
     if ethertype != ETH_P_IP {
         return Err(Reason::PassNotIpv4);
     }
+    Ok(l3_off)
+}
 
+/// The IPv4 header at `l3_off`, when it is one lbx may handle.
+#[inline(always)]
+pub fn ipv4_at<C: PacketBuf>(ctx: &C, l3_off: usize) -> Result<Ip, Reason> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(Reason::PassTruncIp)?;
+    let ip = unsafe { &*ip };
+    // Version 4 and IHL 5 only: options would make every later offset variable.
+    if ip.ver_ihl != 0x45 {
+        return Err(Reason::PassIpOptions);
+    }
+    if ip.frag_off & IP_MF_OFFSET != 0 {
+        return Err(Reason::PassFragment);
+    }
+    Ok(Ip {
+        l3_off,
+        proto: ip.proto,
+        ttl: ip.ttl,
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+    })
+}
+
+/// An Ethernet frame carrying IPv4 TCP/UDP. Other IP protocols are `PassUnknownProto`.
+#[inline(always)]
+pub fn parse<C: PacketBuf>(ctx: &C) -> Result<Parsed, Reason> {
+    let l3_off = parse_eth(ctx)?;
+    parse_ipv4_at(ctx, l3_off)
+}
+
+/// IPv4 TCP/UDP at `l3_off` (a frame's, or a tunnelled packet's inner header).
+#[inline(always)]
+pub fn parse_ipv4_at<C: PacketBuf>(ctx: &C, l3_off: usize) -> Result<Parsed, Reason> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(Reason::PassTruncIp)?;
     let ip = unsafe { &*ip };
     // Version 4 and IHL 5 only: options would make every later offset variable.
@@ -268,5 +319,7 @@ pub fn parse<C: PacketBuf>(ctx: &C) -> Result<Parsed, Reason> {
         },
         ttl: ip.ttl,
         tcp_flags,
+        tot_len: tot_len as u16,
+        df: ip.frag_off & IP_DF != 0,
     })
 }

@@ -13,25 +13,22 @@ use crate::{lb, maps::CONNTRACK, parse::parse};
 #[xdp]
 pub fn lb_ref_ct_lookup(ctx: XdpContext) -> u32 {
     if let Ok(p) = parse(&ctx) {
-        if CONNTRACK.get_ptr_mut(lb::ct_key(&p)).is_some() {
+        if CONNTRACK.get_ptr_mut(&lb::request_key(&p)).is_some() {
             return xdp_action::XDP_PASS;
         }
     }
     xdp_action::XDP_DROP
 }
 
-/// One `CONNTRACK` insert of a fresh key (random source address), then XDP_PASS: one of the
-/// two LRU inserts (`REVNAT`, `CONNTRACK`) that `ct_create` makes for every new flow.
+/// One `CONNTRACK` insert of a fresh key (random client address), then XDP_PASS: the one
+/// LRU insert `ct_create` makes for every new flow (local or tunnelled).
 #[xdp]
 pub fn lb_ref_ct_insert(_ctx: XdpContext) -> u32 {
-    let key = lb_common::CtKey {
-        saddr: unsafe { bpf_get_prandom_u32() },
-        daddr: 0x0100_000a,
-        sport: 1,
-        dport: 2,
+    let key = lb_common::FlowKey {
+        client: unsafe { bpf_get_prandom_u32() },
+        client_port: 1,
         proto: lb_common::PROTO_TCP,
-        _pad0: 0,
-        _pad1: 0,
+        _pad: 0,
     };
     match CONNTRACK.insert(&key, &CtEntry::default(), 0) {
         Ok(()) => xdp_action::XDP_PASS,

@@ -73,6 +73,7 @@ impl Resolver for Reachable {
             ifindex: 2,
             dmac: [2; 6],
             smac: [4; 6],
+            tunnel_to: None,
         })
     }
 }

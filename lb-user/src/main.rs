@@ -20,7 +20,7 @@ use lb_user::bpf::{
 use lb_user::inspect::{
     self,
     explain::explain,
-    flows::FlowRow,
+    flows::{FlowRow, ReturnRow},
     packet::{Probe, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
     render,
     targets::FrontendTargets,
@@ -29,7 +29,9 @@ use lb_user::k8s::{
     agent::{self, AgentOptions},
     standalone::{self, StandaloneOptions},
 };
-use lb_user::node::options::{NodeOptions, PortRange};
+use lb_user::node::options::{
+    NodeOptions, PortRange, RemoteMode, TunnelEncap, DEFAULT_TUNNEL_PORT,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -103,6 +105,27 @@ struct NodeArgs {
     /// Leave the pinned maps in place on exit (a restart then keeps the tracked flows).
     #[arg(long)]
     keep_pins: bool,
+    /// How requests reach pods on other nodes: tunnelled to the owning node (the pod sees
+    /// the client's address; the network must carry IP protocol 4, or UDP to --tunnel-port
+    /// with --tunnel-encap fou, between the nodes) or SNATed to --snat-addr.
+    #[arg(long, value_enum, default_value_t = RemoteMode::Tunnel)]
+    remote_mode: RemoteMode,
+    /// The tunnel's encapsulation (the same on every node).
+    #[arg(long, value_enum, default_value_t = TunnelEncap::Ipip)]
+    tunnel_encap: TunnelEncap,
+    /// FOU's UDP port (the same on every node).
+    #[arg(long, default_value_t = DEFAULT_TUNNEL_PORT, value_name = "PORT",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    tunnel_port: u16,
+    /// The largest IPv4 packet the path between the nodes carries [default: the MTU of
+    /// --iface]. Tunnelled TCP gets its MSS clamped to fit; larger DF packets get ICMP
+    /// fragmentation-needed.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(576..))]
+    tunnel_mtu: Option<u16>,
+    /// This node's address in the tunnel, the one its peers know it by (its InternalIP)
+    /// [default: the first node address].
+    #[arg(long, value_name = "IP")]
+    tunnel_addr: Option<Ipv4Addr>,
 }
 
 impl NodeArgs {
@@ -120,6 +143,11 @@ impl NodeArgs {
             maglev_size: self.maglev_size,
             snat_ports: self.snat_ports,
             keep_pins: self.keep_pins,
+            remote_mode: self.remote_mode,
+            tunnel_encap: self.tunnel_encap,
+            tunnel_port: self.tunnel_port,
+            tunnel_mtu: self.tunnel_mtu,
+            tunnel_addr: self.tunnel_addr,
         }
     }
 }
@@ -315,13 +343,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Conntrack(a) => {
             let (located, maps) = open(&a.instance)?;
             let rows = inspect::flows::flows(&maps)?;
-            if a.output == Output::Table && rows.is_empty() {
+            let returns = inspect::flows::returns(&maps)?;
+            if a.output == Output::Table && rows.is_empty() && returns.is_empty() {
                 eprintln!("No flows tracked in {}.", located.pin_dir.display());
                 return Ok(());
             }
-            emit(a.output, &FlowsDoc { flows: &rows }, || {
-                render::flows_table(&rows)
-            })
+            let doc = FlowsDoc {
+                flows: &rows,
+                tunnelled_in: &returns,
+            };
+            emit(a.output, &doc, || render::flows_table(&rows, &returns))
         }
         Command::Targets(a) => {
             let (located, maps) = open(&a.instance)?;
@@ -363,6 +394,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 #[derive(serde::Serialize)]
 struct FlowsDoc<'a> {
     flows: &'a [FlowRow],
+    /// Tunnelled flows whose pods are on this node.
+    tunnelled_in: &'a [ReturnRow],
 }
 
 /// `targets -o json`.

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use lb_common::{
     ip4, port_be, v4, Backend, Config, Frontend, FrontendKey, BE_ACTIVE, BE_LOCAL, BE_TERMINATING,
-    CFG_DEC_TTL, PROTO_TCP, PROTO_UDP,
+    BE_TUNNEL, CFG_DEC_TTL, CFG_TUNNEL, PROTO_TCP, PROTO_UDP,
 };
 use lb_user::{
     bpf::dataplane::{Dataplane, DataplaneError, DataplaneOptions},
@@ -27,6 +27,8 @@ pub const XDP_REDIRECT: u32 = 4;
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_REDIRECT: u32 = 7;
 
+/// The MAC of a router on the node's network (the source of ICMP errors from the path).
+pub const ROUTER_MAC: [u8; 6] = [0x02, 0x4e, 0, 0, 0, 0x01];
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x64];
 pub const NIC_MAC: [u8; 6] = [0x02, 0x4e, 0, 0, 0, 0x0a];
 pub const NODE1_MAC: [u8; 6] = [0x02, 0x4e, 0, 0, 0, 0x0b];
@@ -46,6 +48,8 @@ pub const PEER_SNAT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 151);
 pub const POD_A: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 10);
 pub const POD_B: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 11);
 pub const POD_R: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 10);
+/// A pod on node 1 reached through the tunnel (node 1's tunnel address is [`NODE1`]).
+pub const POD_T: Ipv4Addr = Ipv4Addr::new(10, 77, 3, 10);
 pub const LB_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 1);
 pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 2);
 
@@ -53,6 +57,10 @@ pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 2);
 pub const NIC_IFINDEX: u32 = 1;
 pub const VETH_A_IFINDEX: u32 = 1001;
 pub const VETH_B_IFINDEX: u32 = 1002;
+
+/// The FOU port of the fixture's nodes and the largest packet their tunnel path carries.
+pub const TUNNEL_PORT: u16 = 5555;
+pub const TUNNEL_MTU: u16 = 1500;
 
 pub const SNAT_PORT_MIN: u16 = 61000;
 pub const SNAT_PORT_MAX: u16 = 61999;
@@ -66,6 +74,8 @@ pub const SVC_REMOTE: u32 = 4; // NodePort 30081/TCP -> POD_R:8080 on node 1 (SN
 pub const SVC_EMPTY: u32 = 5; // NodePort 30082/TCP, no endpoints
 pub const SVC_MULTI: u32 = 6; // NodePort 30090/TCP -> POD_A, POD_B, POD_R (all local ids)
 pub const SVC_AFFINITY: u32 = 7; // NodePort 30091/TCP, ClientIP affinity 60 s -> POD_A, POD_B
+pub const SVC_TUNNEL: u32 = 8; // NodePort 30083/TCP -> POD_T:8080 on node 1 (tunnel)
+pub const SVC_TUNNEL_UDP: u32 = 9; // NodePort 30083/UDP -> POD_T:5353 on node 1 (tunnel)
 
 /// Backend ids.
 pub const BE_A_8080: u32 = 1;
@@ -76,6 +86,8 @@ pub const BE_B_8080: u32 = 5;
 pub const BE_A_9090: u32 = 6;
 pub const BE_B_9090: u32 = 7;
 pub const BE_R_9090: u32 = 8;
+pub const BE_T_8080: u32 = 9;
+pub const BE_T_5353: u32 = 10;
 
 pub const FIXTURE_MAGLEV_SIZE: u32 = lb_common::DEFAULT_MAGLEV_SIZE;
 
@@ -110,6 +122,15 @@ pub fn remote_backend(ip: Ipv4Addr, port: u16) -> Backend {
         dmac: NODE1_MAC,
         smac: NIC_MAC,
         ..Default::default()
+    }
+}
+
+/// A pod on node 1 reached through the tunnel to node 1's tunnel address.
+pub fn tunnel_backend(ip: Ipv4Addr, port: u16) -> Backend {
+    Backend {
+        flags: BE_ACTIVE | BE_TUNNEL,
+        node_addr: addr(NODE1)[0],
+        ..remote_backend(ip, port)
     }
 }
 
@@ -172,10 +193,13 @@ pub fn node_config() -> Config {
         maglev_size: FIXTURE_MAGLEV_SIZE,
         snat_port_min: SNAT_PORT_MIN,
         snat_port_max: SNAT_PORT_MAX,
-        flags: CFG_DEC_TTL,
+        flags: CFG_DEC_TTL | CFG_TUNNEL,
         snat_idle_s: 300,
         close_grace_s: 10,
         frontend_epoch: 0,
+        tunnel_addr: addr(NODE)[0],
+        tunnel_port: port_be(TUNNEL_PORT),
+        tunnel_mtu: TUNNEL_MTU,
     }
 }
 
@@ -198,7 +222,8 @@ pub fn world_in(pin_dir: Option<PathBuf>) -> Dataplane {
     })
     .expect("load the BPF object (run as root; `cargo xtask test` does)");
     dp.set_config(&node_config()).unwrap();
-    dp.set_peers(&[PEER_SNAT]).unwrap();
+    // Node 1 by its SNAT address (SNAT mode) and by its tunnel address.
+    dp.set_peers(&[PEER_SNAT, NODE1]).unwrap();
 
     let a8080 = local_backend(POD_A, 8080, VETH_A_IFINDEX, VETH_A_MAC, POD_A_MAC);
     let b8080 = local_backend(POD_B, 8080, VETH_B_IFINDEX, VETH_B_MAC, POD_B_MAC);
@@ -283,6 +308,24 @@ pub fn world_in(pin_dir: Option<PathBuf>) -> Dataplane {
         60,
     )
     .unwrap();
+    install_service(
+        &mut dp,
+        SVC_TUNNEL,
+        &[frontend_key(None, 30083, tcp)],
+        &[(BE_T_8080, tunnel_backend(POD_T, 8080))],
+        0,
+        0,
+    )
+    .unwrap();
+    install_service(
+        &mut dp,
+        SVC_TUNNEL_UDP,
+        &[frontend_key(None, 30083, udp)],
+        &[(BE_T_5353, tunnel_backend(POD_T, 5353))],
+        0,
+        0,
+    )
+    .unwrap();
     dp
 }
 
@@ -327,7 +370,8 @@ pub struct LiveState {
     backends: Vec<Backend>,
     local_endpoints: HashMap<u32, lb_common::LocalEndpoint>,
     peers: HashMap<u32, lb_common::PeerNode>,
-    conntrack: HashMap<lb_common::CtKey, lb_common::CtEntry>,
+    conntrack: HashMap<lb_common::FlowKey, lb_common::CtEntry>,
+    returns: HashMap<lb_common::CtKey, lb_common::ReturnEntry>,
     revnat: HashMap<lb_common::CtKey, lb_common::RevNatEntry>,
     affinity: HashMap<lb_common::AffinityKey, lb_common::AffinityEntry>,
     stats: Vec<(lb_common::Reason, u64)>,
@@ -345,6 +389,7 @@ impl LiveState {
             local_endpoints: dp.local_endpoints().unwrap().into_iter().collect(),
             peers: dp.peers().unwrap().into_iter().collect(),
             conntrack: dp.conntrack().unwrap().into_iter().collect(),
+            returns: dp.returns().unwrap().into_iter().collect(),
             revnat: dp.revnat().unwrap().into_iter().collect(),
             affinity: dp
                 .maps()

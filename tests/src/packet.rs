@@ -36,6 +36,7 @@ pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 
 pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -1047,6 +1048,51 @@ pub enum ChecksumError {
          an address or port changed without a matching checksum update"
     )]
     Udp { found: u16, expected: u16 },
+    #[error("ICMP checksum is 0x{found:04x} but the message sums to 0x{expected:04x}")]
+    Icmp { found: u16, expected: u16 },
+    #[error(
+        "the ICMP error's quoted IPv4 header checksum is 0x{found:04x}, its header sums to \
+         0x{expected:04x}: the quote was rewritten without a matching update"
+    )]
+    QuotedIpv4Header { found: u16, expected: u16 },
+}
+
+/// The IPv4 datagram a frame carries: the bytes after the Ethernet header (and any VLAN
+/// tag), up to the datagram's total length. What an encapsulation or an ICMP quote holds.
+///
+/// # Panics
+/// If the frame does not parse as IPv4 (a bug in the table).
+#[track_caller]
+pub fn datagram(frame: &[u8]) -> Vec<u8> {
+    let parsed = parse(frame).unwrap_or_else(|e| panic!("datagram(): {e}"));
+    let ip = parsed
+        .ip
+        .as_ref()
+        .expect("datagram() of a frame without IPv4");
+    frame[parsed.l3_offset..parsed.l3_offset + usize::from(ip.tot_len)].to_vec()
+}
+
+/// An ICMP message of `ty` and `code` whose second word is `rest` (for a
+/// fragmentation-needed: the next-hop MTU in its low 16 bits) and whose data is `quote`
+/// (the leading bytes of the datagram it is about). The checksum is computed here.
+pub fn icmp_message(ty: u8, code: u8, rest: u32, quote: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty, code, 0, 0];
+    m.extend_from_slice(&rest.to_be_bytes());
+    m.extend_from_slice(quote);
+    let csum = inet_csum::checksum(&m);
+    m[2..4].copy_from_slice(&csum.to_be_bytes());
+    m
+}
+
+/// A frame's Ethernet header followed by the datagram `overhead` bytes into its IPv4
+/// payload: what decapsulating an IP-in-IP (20) or FOU (28) frame leaves.
+#[track_caller]
+pub fn inner_frame(frame: &[u8], overhead: usize) -> Vec<u8> {
+    let parsed = parse(frame).unwrap_or_else(|e| panic!("inner_frame(): {e}"));
+    let mut out = frame[..ETH_HLEN].to_vec();
+    out[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    out.extend_from_slice(&frame[parsed.l3_offset + overhead..]);
+    out
 }
 
 /// Recompute the IPv4 header checksum and the TCP/UDP checksum from scratch and compare them
@@ -1071,6 +1117,37 @@ pub fn verify_checksums(bytes: &[u8]) -> Result<(), ChecksumError> {
         });
     }
     if ip.is_fragment() {
+        return Ok(());
+    }
+    let ip_payload = l3 + usize::from(ip.ihl) * 4;
+    let end = (l3 + usize::from(ip.tot_len)).min(bytes.len());
+    if ip.proto == IPPROTO_IPIP {
+        // The inner datagram, checked as a frame of its own.
+        return verify_checksums(&inner_frame(&bytes[..end], usize::from(ip.ihl) * 4));
+    }
+    if ip.proto == IPPROTO_ICMP && end >= ip_payload + 8 {
+        let message = &bytes[ip_payload..end];
+        let found = be16(message, 2);
+        let mut zeroed = message.to_vec();
+        zeroed[2..4].fill(0);
+        let expected = inet_csum::checksum(&zeroed);
+        if !inet_csum::same_checksum(found, expected) {
+            return Err(ChecksumError::Icmp { found, expected });
+        }
+        // The quoted IPv4 header (an error's quote) must be a valid header too.
+        let quote = &message[8..];
+        if quote.len() >= IPV4_MIN_HLEN && quote[0] >> 4 == 4 {
+            let qlen = usize::from(quote[0] & 0x0f) * 4;
+            if quote.len() >= qlen {
+                let found = be16(quote, 10);
+                let mut h = quote[..qlen].to_vec();
+                h[10..12].fill(0);
+                let expected = inet_csum::ipv4_header_checksum(&h);
+                if !inet_csum::same_checksum(found, expected) {
+                    return Err(ChecksumError::QuotedIpv4Header { found, expected });
+                }
+            }
+        }
         return Ok(());
     }
     let (Some(l4), Some(l4_off)) = (&parsed.l4, parsed.l4_offset) else {

@@ -14,7 +14,7 @@ use lb_common::{
 };
 use lb_tests::{
     fixture::*,
-    packet::{hexdiff, verify_checksums, Packet},
+    packet::{datagram, hexdiff, icmp_message, verify_checksums, Packet},
 };
 use lb_user::bpf::{dataplane::Dataplane, sandbox::Hook};
 use lb_user::inspect::explain::explain;
@@ -325,10 +325,10 @@ fn rows() -> Vec<Row> {
             expect: None,
         },
         Row {
-            description: "a non-peer source to a local pod (node 1's own address): passed",
+            description: "a non-peer source to a local pod (a node lbx does not know): passed",
             before: vec![],
             prog: Prog::Xdp,
-            input: Packet::eth(NODE1_MAC, NIC_MAC).ipv4(NODE1, POD_A).tcp(61234, 8080).syn().build(),
+            input: Packet::eth(NODE1_MAC, NIC_MAC).ipv4(Ipv4Addr::new(10, 77, 0, 12), POD_A).tcp(61234, 8080).syn().build(),
             expect_verdict: XDP_PASS,
             expect_reason: Reason::PassNonService,
             expect: None,
@@ -439,6 +439,405 @@ fn rows() -> Vec<Row> {
             Reason::PassTruncL4,
         ),
     ]
+    .into_iter()
+    .chain(tunnel_rows())
+    .chain(icmp_rows())
+    .collect()
+}
+
+/// The MSS option first (where every common stack puts it).
+const MSS_1460: [u8; 4] = [2, 4, 0x05, 0xb4];
+
+fn mss(v: u16) -> [u8; 4] {
+    let b = v.to_be_bytes();
+    [2, 4, b[0], b[1]]
+}
+
+/// The entropy the program puts in a flow's outer headers: the packet's flow hash.
+fn entropy(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> u16 {
+    flow_hash(
+        &addr(src),
+        &addr(dst),
+        port_be(sport),
+        port_be(dport),
+        proto,
+    ) as u16
+}
+
+/// `inner` (a frame) IP-in-IP encapsulated from `from` to `to`, as lbx writes it: outer ID
+/// the entropy (as stored, little-endian on this machine), DF, TTL 64, the inner TOS.
+fn ipip(
+    macs: ([u8; 6], [u8; 6]),
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    id: u16,
+    inner: &Packet,
+) -> Vec<u8> {
+    Packet::eth(macs.0, macs.1)
+        .ipv4(from, to)
+        .ip_proto(lb_tests::packet::IPPROTO_IPIP)
+        .ip_id(id.swap_bytes())
+        .payload(&datagram(&inner.build()))
+        .build()
+}
+
+/// `inner` FOU encapsulated: outer ID 0, UDP from an ephemeral port of the entropy to the
+/// tunnel port, no UDP checksum.
+fn fou(
+    macs: ([u8; 6], [u8; 6]),
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    entropy: u16,
+    inner: &Packet,
+) -> Vec<u8> {
+    Packet::eth(macs.0, macs.1)
+        .ipv4(from, to)
+        .ip_id(0)
+        .udp(0xc000 | entropy, TUNNEL_PORT)
+        .udp_checksum_zero()
+        .payload(&datagram(&inner.build()))
+        .build()
+}
+
+/// Tunnel delivery (IP-in-IP, the world's default): the holding node's encapsulation of
+/// requests and decapsulation of replies, the owning node's decapsulation of requests and
+/// encapsulation of the pod's replies, MSS clamping, fragmentation-needed, and every input
+/// the tunnel paths refuse.
+fn tunnel_rows() -> Vec<Row> {
+    let to_node1 = (NIC_MAC, NODE1_MAC);
+    let from_node1 = (NODE1_MAC, NIC_MAC);
+    let syn = tcp_syn(NODE, 30083).tcp_options(&MSS_1460);
+    let e_syn = entropy(CLIENT, 40000, NODE, 30083, PROTO_TCP);
+    let dnat = |p: Packet| p.ip_dst(POD_T).dport(8080).ttl(63);
+    let mss_ipip = TUNNEL_MTU - 20 - 40;
+    // On node 1's side: what node 0 tunnelled to our pod POD_A (node 1 is "this" node here).
+    let req_for_a = client()
+        .ipv4(CLIENT, POD_A)
+        .ttl(63)
+        .tcp(40000, 8080)
+        .syn()
+        .tcp_options(&MSS_1460);
+    let tunnelled_req = ipip(from_node1, NODE1, NODE, 0x1111, &req_for_a);
+    let pod_reply = Packet::eth(POD_A_MAC, VETH_A_MAC)
+        .ipv4(POD_A, CLIENT)
+        .tcp(8080, 40000)
+        .syn()
+        .ack()
+        .tcp_options(&MSS_1460);
+    let e_reply = entropy(POD_A, 8080, CLIENT, 40000, PROTO_TCP);
+    // A reply node 1 tunnels back for a flow we hold (its request was `syn`).
+    let remote_reply = client()
+        .ipv4(POD_T, CLIENT)
+        .ttl(63)
+        .tcp(8080, 40000)
+        .syn()
+        .ack();
+    let big = client()
+        .ipv4(CLIENT, NODE)
+        .tcp(40000, 30083)
+        .ack()
+        .payload(&[0x5a; 1470]);
+    vec![
+        Row {
+            description: "tunnel: syn for a pod on node 1: DNAT (client address kept), MSS clamped, IP-in-IP to node 1",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: syn.build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::FwdTunnel,
+            expect: Some(ipip(to_node1, NODE, NODE1, e_syn, &dnat(syn.clone()).tcp_options(&mss(mss_ipip)))),
+        },
+        Row {
+            description: "tunnel: established ack with payload: one lookup, same encapsulation, payload untouched",
+            before: vec![syn.build()],
+            prog: Prog::Xdp,
+            input: client().ipv4(CLIENT, NODE).tcp(40000, 30083).ack().payload(b"hello").build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::FwdTunnel,
+            expect: Some(ipip(to_node1, NODE, NODE1, e_syn, &dnat(client().ipv4(CLIENT, NODE).tcp(40000, 30083).ack().payload(b"hello")))),
+        },
+        Row {
+            description: "tunnel: udp to a nodeport whose pod is on node 1: IP-in-IP, TOS copied to the outer header",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: client().ipv4(CLIENT, NODE).tos(0x28).udp(40001, 30083).payload(b"ping").build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::FwdTunnel,
+            expect: Some(
+                Packet::eth(NIC_MAC, NODE1_MAC)
+                    .ipv4(NODE, NODE1)
+                    .tos(0x28)
+                    .ip_proto(lb_tests::packet::IPPROTO_IPIP)
+                    .ip_id(entropy(CLIENT, 40001, NODE, 30083, PROTO_UDP).swap_bytes())
+                    .payload(&datagram(&client().ipv4(CLIENT, POD_T).tos(0x28).ttl(63).udp(40001, 5353).payload(b"ping").build()))
+                    .build(),
+            ),
+        },
+        Row {
+            description: "tunnel: syn without an MSS option is encapsulated unchanged (the stack's default MSS is 536)",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: tcp_syn(NODE, 30083).sport(40010).build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::FwdTunnel,
+            expect: Some(ipip(to_node1, NODE, NODE1, entropy(CLIENT, 40010, NODE, 30083, PROTO_TCP), &dnat(tcp_syn(NODE, 30083).sport(40010)))),
+        },
+        Row {
+            description: "tunnel: syn whose MSS already fits keeps it",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: tcp_syn(NODE, 30083).sport(40011).tcp_options(&mss(1200)).build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::FwdTunnel,
+            expect: Some(ipip(to_node1, NODE, NODE1, entropy(CLIENT, 40011, NODE, 30083, PROTO_TCP), &dnat(tcp_syn(NODE, 30083).sport(40011).tcp_options(&mss(1200))))),
+        },
+        Row {
+            description: "tunnel: syn with the MSS after other options keeps it (only a first MSS option is clamped)",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: tcp_syn(NODE, 30083).sport(40012).tcp_options(&[1, 1, 2, 4, 0x05, 0xb4]).build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::FwdTunnel,
+            expect: Some(ipip(to_node1, NODE, NODE1, entropy(CLIENT, 40012, NODE, 30083, PROTO_TCP), &dnat(tcp_syn(NODE, 30083).sport(40012).tcp_options(&[1, 1, 2, 4, 0x05, 0xb4])))),
+        },
+        Row {
+            description: "tunnel: a request too big for the tunnel with DF: ICMP fragmentation-needed (MTU 1480) from the frontend, back out",
+            before: vec![syn.build()],
+            prog: Prog::Xdp,
+            input: big.build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::IcmpTooBig,
+            expect: Some(
+                Packet::eth(NIC_MAC, CLIENT_MAC)
+                    .ipv4(NODE, CLIENT)
+                    .tos(0xc0)
+                    .ip_id(0)
+                    .dont_fragment(false)
+                    .ip_proto(lb_tests::packet::IPPROTO_ICMP)
+                    .payload(&icmp_message(3, 4, u32::from(TUNNEL_MTU - 20), &datagram(&big.build())[..28]))
+                    .build(),
+            ),
+        },
+        Row {
+            description: "tunnel: a request too big without DF: the kernel's (lbx does not fragment)",
+            before: vec![syn.build()],
+            prog: Prog::Xdp,
+            input: big.clone().dont_fragment(false).build(),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassTooBig,
+            expect: None,
+        },
+        Row {
+            description: "tunnel: a peer's IP-in-IP request for our pod: decapsulated into the pod's veth (TTL -1)",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: tunnelled_req.clone(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::TunnelIn,
+            expect: Some(req_for_a.clone().macs(VETH_A_MAC, POD_A_MAC).ttl(62).build()),
+        },
+        Row {
+            description: "tunnel: our pod's syn-ack to a tunnelled flow: MSS clamped, IP-in-IP back to the holding node",
+            before: vec![tunnelled_req.clone()],
+            prog: Prog::Tc,
+            input: pod_reply.build(),
+            expect_verdict: TC_ACT_REDIRECT,
+            expect_reason: Reason::TunnelReply,
+            expect: Some(ipip(to_node1, NODE, NODE1, e_reply, &pod_reply.clone().macs(NIC_MAC, NODE1_MAC).ttl(63).tcp_options(&mss(mss_ipip)))),
+        },
+        Row {
+            description: "tunnel: a reply of a flow we hold, tunnelled back by node 1: decapsulated, reverse-NATed to the client",
+            before: vec![syn.build()],
+            prog: Prog::Xdp,
+            input: ipip(from_node1, NODE1, NODE, 0x2222, &remote_reply),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::RevNatTunnel,
+            expect: Some(remote_reply.clone().macs(NIC_MAC, CLIENT_MAC).ip_src(NODE).sport(30083).ttl(62).build()),
+        },
+        Row {
+            description: "tunnel: a tunnelled reply of no flow we hold: passed",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: ipip(from_node1, NODE1, NODE, 0x2222, &remote_reply),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassTunnelInner,
+            expect: None,
+        },
+        Row {
+            description: "tunnel: IP-in-IP from an address that is no peer: passed",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: ipip(from_node1, Ipv4Addr::new(10, 77, 0, 12), NODE, 0x1111, &req_for_a),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassTunnelPeer,
+            expect: None,
+        },
+        Row {
+            description: "tunnel: IP-in-IP whose inner header is cut short: passed",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: Packet::eth(NODE1_MAC, NIC_MAC).ipv4(NODE1, NODE).ip_proto(lb_tests::packet::IPPROTO_IPIP).payload(&datagram(&req_for_a.build())[..16]).build(),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassTunnelInner,
+            expect: None,
+        },
+        Row {
+            description: "tunnel: IP-in-IP whose inner datagram has IP options: passed",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: ipip(from_node1, NODE1, NODE, 0x1111, &req_for_a.clone().ip_options(&[1, 1, 1, 1])),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassTunnelInner,
+            expect: None,
+        },
+        Row {
+            description: "tunnel: IP-in-IP whose inner datagram is a fragment: passed",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: ipip(from_node1, NODE1, NODE, 0x1111, &req_for_a.clone().frag(true, 0)),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassTunnelInner,
+            expect: None,
+        },
+        Row {
+            description: "tunnel: IP-in-IP whose outer length disagrees with the inner one: passed",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: pad(set_tot_len(tunnelled_req.clone(), (tunnelled_req.len() - 14 + 4) as u16), 4),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassTunnelInner,
+            expect: None,
+        },
+        Row {
+            description: "tunnel: IP-in-IP with inner TTL 1: passed so the kernel answers",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: ipip(from_node1, NODE1, NODE, 0x1111, &req_for_a.clone().ttl(1)),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassTtl,
+            expect: None,
+        },
+        Row {
+            description: "flow collision: the client's tuple has a live flow to another frontend: the kernel's",
+            before: vec![tcp_syn(NODE, 30080).build()],
+            prog: Prog::Xdp,
+            input: tcp_syn(LB_IP, 80).build(),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassFlowCollision,
+            expect: None,
+        },
+        Row {
+            description: "flow collision: after the old flow's RST, the tuple's new flow takes the entry over",
+            before: vec![tcp_syn(NODE, 30080).build(), client().ipv4(CLIENT, NODE).tcp(40000, 30080).rst().build()],
+            prog: Prog::Xdp,
+            input: tcp_syn(LB_IP, 80).build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::FwdLocal,
+            expect: Some(tcp_syn(LB_IP, 80).macs(VETH_A_MAC, POD_A_MAC).ip_dst(POD_A).ttl(63).dport(8080).build()),
+        },
+    ]
+}
+
+/// ICMP errors of NATed flows, translated like the flow's other packets.
+fn icmp_rows() -> Vec<Row> {
+    let router = Ipv4Addr::new(10, 77, 0, 1);
+    let udp_req = client()
+        .ipv4(CLIENT, NODE)
+        .udp(40001, 30080)
+        .payload(b"ping");
+    let as_pod_got = udp_req.clone().ip_dst(POD_B).dport(5353).ttl(63);
+    let icmp = |from: Ipv4Addr, to: Ipv4Addr, ty: u8, code: u8, rest: u32, quote: &[u8]| {
+        Packet::eth(ROUTER_MAC, NIC_MAC)
+            .ipv4(from, to)
+            .ip_proto(lb_tests::packet::IPPROTO_ICMP)
+            .payload(&icmp_message(ty, code, rest, quote))
+    };
+    // A reply of a local flow (NODE:30080 -> CLIENT:40000) as it left, quoted by a router.
+    let reply_sent = Packet::eth(NIC_MAC, CLIENT_MAC)
+        .ipv4(NODE, CLIENT)
+        .ttl(63)
+        .tcp(30080, 40000)
+        .syn()
+        .ack()
+        .payload(&[7; 40]);
+    let reply_pod = reply_sent.clone().ip_src(POD_A).sport(8080).ttl(64);
+    let tunnel_reply_sent = Packet::eth(NIC_MAC, CLIENT_MAC)
+        .ipv4(NODE, CLIENT)
+        .ttl(62)
+        .tcp(30083, 40000)
+        .syn()
+        .ack();
+    let tunnel_reply_pod = tunnel_reply_sent.clone().ip_src(POD_T).sport(8080).ttl(64);
+    let e_icmp = (port_be(30083) as u32 ^ addr(CLIENT)[0]) as u16;
+    vec![
+        Row {
+            description: "icmp: a local pod's port-unreachable about a udp flow: from the frontend, quoting the client's request",
+            before: vec![udp_req.build()],
+            prog: Prog::Tc,
+            input: Packet::eth(POD_B_MAC, VETH_B_MAC)
+                .ipv4(POD_B, CLIENT)
+                .ip_proto(lb_tests::packet::IPPROTO_ICMP)
+                .payload(&icmp_message(3, 3, 0, &datagram(&as_pod_got.build())))
+                .build(),
+            expect_verdict: TC_ACT_REDIRECT,
+            expect_reason: Reason::IcmpRevNat,
+            expect: Some(
+                Packet::eth(NIC_MAC, CLIENT_MAC)
+                    .ipv4(NODE, CLIENT)
+                    .ttl(63)
+                    .ip_proto(lb_tests::packet::IPPROTO_ICMP)
+                    .payload(&icmp_message(3, 3, 0, &datagram(&udp_req.clone().ttl(63).build())))
+                    .build(),
+            ),
+        },
+        Row {
+            description: "icmp: fragmentation-needed about a local flow's reply: to the pod, quoting its own reply",
+            before: vec![tcp_syn(NODE, 30080).build()],
+            prog: Prog::Xdp,
+            input: icmp(router, NODE, 3, 4, 1400, &datagram(&reply_sent.build())).build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::IcmpToBackend,
+            expect: Some(
+                icmp(router, POD_A, 3, 4, 1400, &datagram(&reply_pod.clone().ttl(63).build()))
+                    .macs(VETH_A_MAC, POD_A_MAC)
+                    .ttl(63)
+                    .build(),
+            ),
+        },
+        Row {
+            description: "icmp: time-exceeded about a tunnelled flow's reply: to the pod on node 1, through the tunnel",
+            before: vec![tcp_syn(NODE, 30083).build()],
+            prog: Prog::Xdp,
+            input: icmp(router, NODE, 11, 0, 0, &datagram(&tunnel_reply_sent.build())[..28]).build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::IcmpToBackend,
+            expect: Some(ipip(
+                (NIC_MAC, NODE1_MAC),
+                NODE,
+                NODE1,
+                e_icmp,
+                &icmp(router, POD_T, 11, 0, 0, &datagram(&tunnel_reply_pod.clone().ttl(62).build())[..28]).ttl(63),
+            )),
+        },
+        Row {
+            description: "icmp: an error quoting no flow of ours: the kernel's",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: icmp(router, NODE, 3, 4, 1400, &datagram(&reply_sent.build())).build(),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassNonService,
+            expect: None,
+        },
+        Row {
+            description: "icmp: an error whose quote is cut short: passed",
+            before: vec![tcp_syn(NODE, 30080).build()],
+            prog: Prog::Xdp,
+            input: icmp(router, NODE, 3, 4, 1400, &datagram(&reply_sent.build())[..24]).build(),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassTruncL4,
+            expect: None,
+        },
+    ]
 }
 
 fn malformed(description: &'static str, input: Vec<u8>, reason: Reason) -> Row {
@@ -480,11 +879,131 @@ fn run(dp: &mut Dataplane, prog: Prog, packet: &[u8]) -> (u32, Vec<u8>) {
 
 #[test]
 fn fixture_table() {
+    check_rows(rows(), |_| {});
+}
+
+/// The tunnel rows' FOU counterparts: the world's nodes tunnel over UDP to `TUNNEL_PORT`.
+#[test]
+fn fixture_table_fou() {
+    check_rows(fou_rows(), |dp| {
+        let mut cfg = dp.config().unwrap();
+        cfg.flags |= lb_common::CFG_TUNNEL_FOU;
+        dp.set_config(&cfg).unwrap();
+    });
+}
+
+fn fou_rows() -> Vec<Row> {
+    let to_node1 = (NIC_MAC, NODE1_MAC);
+    let from_node1 = (NODE1_MAC, NIC_MAC);
+    let syn = tcp_syn(NODE, 30083).tcp_options(&MSS_1460);
+    let mss_fou = TUNNEL_MTU - 28 - 40;
+    let req_for_a = client()
+        .ipv4(CLIENT, POD_A)
+        .ttl(63)
+        .tcp(40000, 8080)
+        .syn()
+        .tcp_options(&MSS_1460);
+    let tunnelled_req = fou(from_node1, NODE1, NODE, 0x1111, &req_for_a);
+    let pod_reply = Packet::eth(POD_A_MAC, VETH_A_MAC)
+        .ipv4(POD_A, CLIENT)
+        .tcp(8080, 40000)
+        .syn()
+        .ack()
+        .tcp_options(&MSS_1460);
+    let remote_reply = client()
+        .ipv4(POD_T, CLIENT)
+        .ttl(63)
+        .tcp(8080, 40000)
+        .syn()
+        .ack();
+    let big = client()
+        .ipv4(CLIENT, NODE)
+        .tcp(40000, 30083)
+        .ack()
+        .payload(&[0x5a; 1435]);
+    vec![
+        Row {
+            description: "fou: syn for a pod on node 1: DNAT, MSS clamped for 28 bytes of outer headers, FOU to node 1",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: syn.build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::FwdTunnel,
+            expect: Some(fou(to_node1, NODE, NODE1, entropy(CLIENT, 40000, NODE, 30083, PROTO_TCP), &syn.clone().ip_dst(POD_T).dport(8080).ttl(63).tcp_options(&mss(mss_fou)))),
+        },
+        Row {
+            description: "fou: a request that fits IP-in-IP but not FOU: fragmentation-needed with MTU 1472",
+            before: vec![syn.build()],
+            prog: Prog::Xdp,
+            input: big.build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::IcmpTooBig,
+            expect: Some(
+                Packet::eth(NIC_MAC, CLIENT_MAC)
+                    .ipv4(NODE, CLIENT)
+                    .tos(0xc0)
+                    .ip_id(0)
+                    .dont_fragment(false)
+                    .ip_proto(lb_tests::packet::IPPROTO_ICMP)
+                    .payload(&icmp_message(3, 4, u32::from(TUNNEL_MTU - 28), &datagram(&big.build())[..28]))
+                    .build(),
+            ),
+        },
+        Row {
+            description: "fou: a peer's FOU request for our pod: decapsulated into the pod's veth",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: tunnelled_req.clone(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::TunnelIn,
+            expect: Some(req_for_a.clone().macs(VETH_A_MAC, POD_A_MAC).ttl(62).build()),
+        },
+        Row {
+            description: "fou: our pod's syn-ack to a FOU flow goes back over FOU, MSS clamped",
+            before: vec![tunnelled_req.clone()],
+            prog: Prog::Tc,
+            input: pod_reply.build(),
+            expect_verdict: TC_ACT_REDIRECT,
+            expect_reason: Reason::TunnelReply,
+            expect: Some(fou(to_node1, NODE, NODE1, entropy(POD_A, 8080, CLIENT, 40000, PROTO_TCP), &pod_reply.clone().ttl(63).tcp_options(&mss(mss_fou)))),
+        },
+        Row {
+            description: "fou: a reply of a flow we hold, back over FOU: decapsulated, reverse-NATed to the client",
+            before: vec![syn.build()],
+            prog: Prog::Xdp,
+            input: fou(from_node1, NODE1, NODE, 0x2222, &remote_reply),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::RevNatTunnel,
+            expect: Some(remote_reply.clone().macs(NIC_MAC, CLIENT_MAC).ip_src(NODE).sport(30083).ttl(62).build()),
+        },
+        Row {
+            description: "fou: FOU from an address that is no peer: passed",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: fou(from_node1, Ipv4Addr::new(10, 77, 0, 12), NODE, 0x1111, &req_for_a),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassTunnelPeer,
+            expect: None,
+        },
+        Row {
+            description: "fou: a FOU datagram whose inner header is cut short: passed",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: Packet::eth(NODE1_MAC, NIC_MAC).ipv4(NODE1, NODE).udp(0xc001, TUNNEL_PORT).payload(&datagram(&req_for_a.build())[..12]).build(),
+            expect_verdict: XDP_PASS,
+            expect_reason: Reason::PassTunnelInner,
+            expect: None,
+        },
+    ]
+}
+
+fn check_rows(rows: Vec<Row>, setup: fn(&mut Dataplane)) {
     require_root();
     let mut failures = Vec::new();
-    for row in rows() {
+    for row in rows {
         let pins = TestPins::new("fixture");
         let mut dp = world_in(Some(pins.dir().to_path_buf()));
+        setup(&mut dp);
         for pkt in &row.before {
             let _ = dp.test_run_xdp(pkt).unwrap();
         }
@@ -524,6 +1043,15 @@ fn fixture_table() {
         if row.expect.is_some() {
             if let Err(e) = verify_checksums(&out) {
                 problems.push(format!("output checksums wrong: {e}"));
+            }
+            // FOU: the inner datagram's checksums too (IP-in-IP's are checked above).
+            if let Ok(p) = lb_tests::packet::parse(&out) {
+                if matches!(&p.l4, Some(lb_tests::packet::L4Info::Udp(u)) if u.dport == TUNNEL_PORT)
+                {
+                    if let Err(e) = verify_checksums(&lb_tests::packet::inner_frame(&out, 28)) {
+                        problems.push(format!("inner checksums wrong: {e}"));
+                    }
+                }
             }
         }
         let moved = moved_reason(&stats_before, &dp.stats().unwrap());
@@ -911,7 +1439,9 @@ fn service_port_bitmap_follows_frontends() {
     assert_eq!(stat(&dp, Reason::PassNonService), before + 1);
     // Removing twice is harmless and does not close a port another frontend still uses.
     dp.remove_frontend(&lb_30080).unwrap();
-    assert_eq!(dp.test_run_xdp(&syn(LB_IP, 80)).unwrap().0, XDP_REDIRECT);
+    // (From another client port: the client's port 40000 still has its flow to LB_IP:30080.)
+    let lb_80 = tcp_syn(LB_IP, 80).sport(40100).build();
+    assert_eq!(dp.test_run_xdp(&lb_80).unwrap().0, XDP_REDIRECT);
 }
 
 /// Established flows skip the frontend lookup while their ct entry is current (lb-ebpf
@@ -1030,19 +1560,21 @@ fn ct_entry(
     client_port: u16,
     dst: Ipv4Addr,
     dport: u16,
-) -> (lb_common::CtKey, lb_common::CtEntry) {
+) -> (lb_common::FlowKey, lb_common::CtEntry) {
     dp.conntrack()
         .unwrap()
         .into_iter()
-        .find(|(k, _)| {
-            k.sport == port_be(client_port) && k.daddr == addr(dst)[0] && k.dport == port_be(dport)
+        .find(|(k, v)| {
+            k.client_port == port_be(client_port)
+                && v.frontend_addr == addr(dst)[0]
+                && v.frontend_port == port_be(dport)
         })
         .expect("ct entry")
 }
 
-/// FIN/RST mark a flow closing in both directions; once the grace is over, its reverse-NAT
-/// entry stops translating (the tuple may now be a direct client -> pod connection) and the
-/// next packet from the client is a new flow.
+/// FIN/RST mark a flow closing (one entry serves both directions); once the grace is over,
+/// the entry stops translating replies (the tuple may now be a direct client -> pod
+/// connection) and the next packet from the client is a new flow.
 #[test]
 fn closed_flows_stop_translating_after_the_grace() {
     require_root();
@@ -1058,7 +1590,7 @@ fn closed_flows_stop_translating_after_the_grace() {
         .build()
     };
 
-    // The pod's FIN is still reverse-NATed, and marks both entries closing.
+    // The pod's FIN is still reverse-NATed, and marks the flow closing.
     let (v, out) = dp.test_run_tc(&reply(|p| p.fin().ack())).unwrap();
     assert_eq!(v, TC_ACT_REDIRECT);
     assert_eq!(lb_tests::packet::parse(&out).unwrap().ip.unwrap().src, NODE);
@@ -1068,17 +1600,7 @@ fn closed_flows_stop_translating_after_the_grace() {
         0,
         "ct entry not marked closing"
     );
-    let (rkey, rev) = dp
-        .revnat()
-        .unwrap()
-        .into_iter()
-        .find(|(k, _)| k.dport == port_be(45000))
-        .unwrap();
-    assert_ne!(
-        rev.flags & lb_common::REV_CLOSING,
-        0,
-        "revnat entry not marked closing"
-    );
+    assert!(dp.revnat().unwrap().is_empty(), "a local flow wrote REVNAT");
 
     // Within the grace (10 s) the last ACKs still translate.
     assert_eq!(
@@ -1086,16 +1608,10 @@ fn closed_flows_stop_translating_after_the_grace() {
         TC_ACT_REDIRECT
     );
 
-    // Past the grace: the reply is not ours any more, passes unchanged, the entry is gone.
+    // Past the grace: the reply is not ours any more and passes unchanged.
     let old = monotonic_s() - 11;
-    dp.set_revnat(
-        &rkey,
-        &lb_common::RevNatEntry {
-            stamp_s: old,
-            ..rev
-        },
-    )
-    .unwrap();
+    dp.set_conntrack(&ckey, &lb_common::CtEntry { stamp_s: old, ..ct })
+        .unwrap();
     let before = stat(&dp, Reason::PassNotReply);
     let direct = reply(|p| p.syn().ack());
     assert_eq!(
@@ -1103,21 +1619,9 @@ fn closed_flows_stop_translating_after_the_grace() {
         (TC_ACT_OK, direct.clone())
     );
     assert_eq!(stat(&dp, Reason::PassNotReply), before + 1);
-    assert!(
-        dp.revnat().unwrap().iter().all(|(k, _)| *k != rkey),
-        "expired entry not deleted"
-    );
 
     // And the client's next packet on the old tuple is a new flow (fresh, not closing): the
     // tuple had an entry, so even a mid-stream packet is ours, not the kernel's.
-    dp.set_conntrack(
-        &ckey,
-        &lb_common::CtEntry {
-            closing_s: old,
-            ..ct
-        },
-    )
-    .unwrap();
     assert_eq!(
         dp.test_run_xdp(&client().ipv4(CLIENT, NODE).tcp(45000, 30080).ack().build())
             .unwrap()
@@ -1367,6 +1871,8 @@ fn peer_path_follows_local_backends_and_peers() {
             node_mac: VETH_A_MAC,
         }
     );
+    // SNAT mode: node 1 is a peer by its SNAT address only.
+    dp.set_peers(&[PEER_SNAT]).unwrap();
     let to = |pod: Ipv4Addr| {
         Packet::eth(NODE1_MAC, NIC_MAC)
             .ipv4(PEER_SNAT, pod)

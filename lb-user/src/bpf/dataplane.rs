@@ -19,12 +19,13 @@ use aya::{
 use lb_common::{
     maps::{
         MapDef, AFFINITY, BACKENDS, CONFIG, CONNTRACK, FRONTENDS, LOCAL_ENDPOINTS, MAGLEV, PEERS,
-        REVNAT, SERVICE_PORTS, STATS,
+        RETURNS, REVNAT, SERVICE_PORTS, STATS,
     },
     port_host, service_port_word,
     stats::NUM_REASONS,
-    AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, Frontend, FrontendKey,
-    LocalEndpoint, PeerNode, Reason, RevNatEntry, BE_ACTIVE, CFG_PEERS, DEFAULT_MAGLEV_SIZE,
+    AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, FlowKey, Frontend, FrontendKey,
+    LocalEndpoint, PeerNode, Reason, ReturnEntry, RevNatEntry, BE_ACTIVE, CFG_PEERS,
+    DEFAULT_MAGLEV_SIZE,
 };
 use log::warn;
 
@@ -461,30 +462,36 @@ impl Dataplane {
         Ok(stats)
     }
 
-    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>, DataplaneError> {
+    pub fn conntrack(&self) -> Result<Vec<(FlowKey, CtEntry)>, DataplaneError> {
         Ok(self.maps.entries::<CONNTRACK>()?)
     }
 
     /// Writes a conntrack entry (operator repair, benchmarks and tests; the program writes
     /// its own on a flow's first packet).
-    pub fn set_conntrack(&mut self, key: &CtKey, entry: &CtEntry) -> Result<(), DataplaneError> {
+    pub fn set_conntrack(&mut self, key: &FlowKey, entry: &CtEntry) -> Result<(), DataplaneError> {
         Ok(self.maps.insert::<CONNTRACK>(key, entry)?)
     }
 
     /// Deletes one flow's conntrack entry (its next packet is a new flow); false when there
     /// was none.
-    pub fn remove_conntrack(&mut self, key: &CtKey) -> Result<bool, DataplaneError> {
+    pub fn remove_conntrack(&mut self, key: &FlowKey) -> Result<bool, DataplaneError> {
         Ok(self.maps.remove::<CONNTRACK>(key)?)
     }
 
-    /// Forgets every flow: conntrack, reverse NAT and affinity entries (for benchmarks and
-    /// tests). Established TCP connections are then the kernel's (`pass_mid_stream`); UDP
-    /// flows are new ones.
+    /// Forgets every flow: conntrack, reverse SNAT, tunnel return and affinity entries (for
+    /// benchmarks and tests). Established TCP connections are then the kernel's
+    /// (`pass_mid_stream`); UDP flows are new ones.
     pub fn flush_flows(&mut self) -> Result<usize, DataplaneError> {
         let flows = self.maps.clear::<CONNTRACK>()?;
         self.maps.clear::<REVNAT>()?;
+        self.maps.clear::<RETURNS>()?;
         self.maps.clear::<AFFINITY>()?;
         Ok(flows)
+    }
+
+    /// The tunnelled flows whose pods are here (where their replies go back).
+    pub fn returns(&self) -> Result<Vec<(CtKey, ReturnEntry)>, DataplaneError> {
+        Ok(self.maps.entries::<RETURNS>()?)
     }
 
     pub fn revnat(&self) -> Result<Vec<(CtKey, RevNatEntry)>, DataplaneError> {

@@ -33,7 +33,7 @@ use std::net::Ipv4Addr;
 
 use lb_common::{
     ip4, port_be, v4, Backend, Frontend, FrontendKey, BE_ACTIVE, BE_LOCAL, BE_TERMINATING,
-    FE_AFFINITY, FE_LOCAL_ONLY,
+    BE_TUNNEL, FE_AFFINITY, FE_LOCAL_ONLY,
 };
 
 pub use super::report::{
@@ -415,6 +415,8 @@ impl Reconciler {
                 let mut flags = BE_ACTIVE;
                 if spec.local {
                     flags |= BE_LOCAL;
+                } else if delivery.tunnel_to.is_some() {
+                    flags |= BE_TUNNEL;
                 }
                 // Terminating, or kept outside the ring: no new flows, not even by affinity.
                 if spec.terminating || !in_ring {
@@ -428,6 +430,7 @@ impl Reconciler {
                     ifindex: delivery.ifindex,
                     dmac: delivery.dmac,
                     smac: delivery.smac,
+                    node_addr: delivery.tunnel_to.map_or(0, |a| ip4(a.octets())),
                 };
                 backends.insert(addr, value);
                 if in_ring {
@@ -966,6 +969,7 @@ mod tests {
                 ifindex: if b.local { 100 + o[3] as u32 } else { 2 },
                 dmac: [2, 0, o[0], o[1], o[2], o[3]],
                 smac: [2, 0xff, 0, 0, 0, 1],
+                tunnel_to: None,
             })
         }
     }

@@ -86,6 +86,9 @@ pub struct Delivery {
     pub dmac: [u8; 6],
     /// The MAC of `ifindex`.
     pub smac: [u8; 6],
+    /// A remote backend reached through the tunnel: the owning node's address (the outer
+    /// destination). None: local, or remote by SNAT.
+    pub tunnel_to: Option<std::net::Ipv4Addr>,
 }
 
 /// Finds the [`Delivery`] of a backend (routes, neighbours, veths: the agent's business).

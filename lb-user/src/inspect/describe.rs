@@ -5,11 +5,13 @@ use std::fmt::Write as _;
 
 use lb_common::{
     maps::{
-        MapDef, AFFINITY, BACKENDS, CONFIG, CONNTRACK, FRONTENDS, LOCAL_ENDPOINTS, PEERS, REVNAT,
+        MapDef, AFFINITY, BACKENDS, CONFIG, CONNTRACK, FRONTENDS, LOCAL_ENDPOINTS, PEERS, RETURNS,
+        REVNAT,
     },
-    port_host, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, Frontend, FrontendKey,
-    LocalEndpoint, PeerNode, ProtoName, RevNatEntry, BE_ACTIVE, BE_LOCAL, BE_TERMINATING,
-    CFG_PEERS, CT_CLOSING, CT_SNAT, FE_AFFINITY, FE_LOCAL_ONLY, REV_CLOSING, REV_SNAT,
+    port_host, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, FlowKey, Frontend,
+    FrontendKey, LocalEndpoint, PeerNode, ProtoName, ReturnEntry, RevNatEntry, BE_ACTIVE, BE_LOCAL,
+    BE_TERMINATING, BE_TUNNEL, CFG_PEERS, CFG_TUNNEL, CFG_TUNNEL_FOU, CT_CLOSING, CT_SNAT,
+    CT_TUNNEL, FE_AFFINITY, FE_LOCAL_ONLY, RET_FOU, REV_CLOSING, REV_SNAT,
 };
 
 use super::view::{ip_of, sock, sock4};
@@ -59,6 +61,19 @@ impl Describe for CONFIG {
         if c.flags & CFG_PEERS != 0 {
             s.push_str(", peers on");
         }
+        if c.flags & CFG_TUNNEL != 0 {
+            let _ = write!(
+                s,
+                ", tunnel from {} ({}, MTU {})",
+                ip_of(c.tunnel_addr),
+                if c.flags & CFG_TUNNEL_FOU != 0 {
+                    format!("fou port {}", port_host(c.tunnel_port))
+                } else {
+                    "ipip".to_string()
+                },
+                c.tunnel_mtu
+            );
+        }
         s
     }
 }
@@ -107,6 +122,9 @@ impl Describe for BACKENDS {
             mac(&be.smac),
             mac(&be.dmac)
         );
+        if be.flags & BE_TUNNEL != 0 {
+            let _ = write!(s, ", tunnelled to node {}", ip_of(be.node_addr));
+        }
         if be.flags & BE_TERMINATING != 0 {
             s.push_str(", terminating");
         }
@@ -146,21 +164,56 @@ impl Describe for PEERS {
 }
 
 impl Describe for CONNTRACK {
-    fn key(k: &CtKey) -> String {
-        tuple(k)
+    fn key(k: &FlowKey) -> String {
+        format!(
+            "client {} {}",
+            sock4(k.client, k.client_port),
+            ProtoName(k.proto)
+        )
     }
     fn value(ct: &CtEntry) -> String {
         let mut s = format!(
-            "backend id {}, service slot {}, frontend epoch {}",
-            ct.backend_id, ct.service_id, ct.frontend_epoch
+            "to {}, backend id {}, service slot {}, frontend epoch {}",
+            sock4(ct.frontend_addr, ct.frontend_port),
+            ct.backend_id,
+            ct.service_id,
+            ct.frontend_epoch
         );
+        if ct.flags & CT_TUNNEL != 0 {
+            s.push_str(", tunnelled");
+        }
         if ct.flags & CT_SNAT != 0 {
             let _ = write!(s, ", SNAT port {}", port_host(ct.snat_port));
         }
+        let _ = write!(
+            s,
+            ", replies out ifindex {} to {}",
+            ct.ifindex,
+            mac(&ct.client_mac)
+        );
         if ct.flags & CT_CLOSING != 0 {
-            let _ = write!(s, ", closing since {} s", ct.closing_s);
+            let _ = write!(s, ", closing since {} s", ct.stamp_s);
         }
         s
+    }
+}
+
+impl Describe for RETURNS {
+    fn key(k: &CtKey) -> String {
+        tuple(k)
+    }
+    fn value(r: &ReturnEntry) -> String {
+        format!(
+            "replies go back to {} ({}), out ifindex {} to {}",
+            ip_of(r.peer),
+            if r.flags & RET_FOU != 0 {
+                "fou"
+            } else {
+                "ipip"
+            },
+            r.ifindex,
+            mac(&r.peer_mac)
+        )
     }
 }
 
@@ -212,29 +265,37 @@ mod tests {
 
     #[test]
     fn entries_read_as_addresses_ports_and_flags() {
-        let k = CtKey {
-            saddr: ip4([10, 0, 0, 9]),
-            daddr: ip4([192, 168, 1, 10]),
-            sport: port_be(40000),
-            dport: port_be(30080),
+        let k = FlowKey {
+            client: ip4([10, 0, 0, 9]),
+            client_port: port_be(40000),
             proto: PROTO_TCP,
-            ..Default::default()
+            _pad: 0,
         };
-        assert_eq!(
-            CONNTRACK::key(&k),
-            "10.0.0.9:40000 -> 192.168.1.10:30080 TCP"
-        );
+        assert_eq!(CONNTRACK::key(&k), "client 10.0.0.9:40000 TCP");
         let ct = CtEntry {
+            frontend_addr: ip4([192, 168, 1, 10]),
+            frontend_port: port_be(30080),
             backend_id: 3,
             service_id: 1,
             snat_port: port_be(61001),
             flags: CT_SNAT,
+            ifindex: 2,
             ..Default::default()
         };
         assert_eq!(
             CONNTRACK::value(&ct),
-            "backend id 3, service slot 1, frontend epoch 0, SNAT port 61001"
+            "to 192.168.1.10:30080, backend id 3, service slot 1, frontend epoch 0, SNAT port \
+             61001, replies out ifindex 2 to 00:00:00:00:00:00"
         );
+        let r5 = CtKey {
+            saddr: ip4([10, 0, 0, 9]),
+            daddr: ip4([10, 244, 1, 5]),
+            sport: port_be(40000),
+            dport: port_be(8080),
+            proto: PROTO_TCP,
+            ..Default::default()
+        };
+        assert_eq!(RETURNS::key(&r5), "10.0.0.9:40000 -> 10.244.1.5:8080 TCP");
         let fk = FrontendKey {
             addr: 0,
             port: port_be(30080),

@@ -25,8 +25,11 @@ use std::path::Path;
 
 use aya::Pod;
 use lb_common::{
-    maps::{AFFINITY, BACKENDS, CONFIG, CONNTRACK, FRONTENDS, LOCAL_ENDPOINTS, PEERS, REVNAT},
-    AffinityKey, Backend, CtEntry, CtKey, FrontendKey, Reason, RevNatEntry, CT_SNAT,
+    maps::{
+        AFFINITY, BACKENDS, CONFIG, CONNTRACK, FRONTENDS, LOCAL_ENDPOINTS, PEERS, RETURNS, REVNAT,
+    },
+    port_host, AffinityKey, Backend, Config, CtEntry, CtKey, FlowKey, FrontendKey, Reason,
+    ReturnEntry, RevNatEntry, CFG_TUNNEL, CT_SNAT,
 };
 use serde::Serialize;
 
@@ -38,7 +41,7 @@ use crate::bpf::{
 
 use super::{
     describe::Describe,
-    packet::Decoded,
+    packet::{Decoded, FrameKeys},
     view::{serialize_reason, MapsView},
     InspectError,
 };
@@ -79,6 +82,8 @@ pub struct Explanation {
     pub rewritten: Option<Decoded>,
     /// Where a redirected packet goes.
     pub out_ifindex: Option<u32>,
+    /// The packet goes back out of the interface it came in on (an ICMP error lbx built).
+    pub back_out: bool,
     /// Live entries on the packet's path (shared maps) and the flow state copied in.
     pub read: Vec<Entry>,
     pub created: Vec<Entry>,
@@ -97,12 +102,12 @@ fn serialize_opt_reason<S: serde::Serializer>(r: &Option<Reason>, s: S) -> Resul
 /// pin directory as this process reaches it). Live maps are not written.
 pub fn explain(live: &Path, hook: Hook, frame: &[u8]) -> Result<Explanation, InspectError> {
     let maps = Maps::from_pins(live)?;
+    let cfg = maps.element::<CONFIG>(0)?.unwrap_or_default();
+    let fou = (cfg.flags & CFG_TUNNEL != 0).then(|| port_host(cfg.tunnel_port));
     let mut sandbox = Sandbox::open(live)?;
-    let key = Decoded::key(frame);
+    let keys = Decoded::keys(frame, fou);
     let mut read = Vec::new();
-    if let Some(key) = &key {
-        seed(&maps, &mut sandbox, hook, key, &mut read)?;
-    }
+    seed(&maps, &mut sandbox, hook, &cfg, &keys, &mut read)?;
     let before = State::of(sandbox.maps())?;
     let (verdict, output) = sandbox.run(hook, frame)?;
     let after = State::of(sandbox.maps())?;
@@ -121,7 +126,7 @@ pub fn explain(live: &Path, hook: Hook, frame: &[u8]) -> Result<Explanation, Ins
     let (mut created, mut changed, mut removed) = (Vec::new(), Vec::new(), Vec::new());
     before.diff(&after, &mut created, &mut changed, &mut removed);
     let out_ifindex = match reason {
-        Some(r) => out_interface(&maps, &after, r, key.as_ref())?,
+        Some(r) => out_interface(&maps, &after, r, &keys)?,
         None => None,
     };
     Ok(Explanation {
@@ -129,7 +134,7 @@ pub fn explain(live: &Path, hook: Hook, frame: &[u8]) -> Result<Explanation, Ins
             Hook::Ingress => "lb_ingress (XDP, node NIC)",
             Hook::Reply => "lb_reply (TC ingress, pod veth)",
         },
-        input: Decoded::decode(frame),
+        input: Decoded::decode_with(frame, fou),
         verdict,
         action: action_name(hook, verdict),
         reason,
@@ -137,9 +142,10 @@ pub fn explain(live: &Path, hook: Hook, frame: &[u8]) -> Result<Explanation, Ins
             " no reason counter moved by exactly one: a program bug",
             Reason::describe,
         ),
-        rewritten: (output != frame).then(|| Decoded::decode(&output)),
+        rewritten: (output != frame).then(|| Decoded::decode_with(&output, fou)),
         output,
         out_ifindex,
+        back_out: reason == Some(Reason::IcmpTooBig),
         read,
         created,
         changed,
@@ -147,102 +153,179 @@ pub fn explain(live: &Path, hook: Hook, frame: &[u8]) -> Result<Explanation, Ins
     })
 }
 
-/// Copies the live entries that matter for `key` into the sandbox (see the module docs) and
-/// lists what the packet's path reads.
+/// Copies the live entries that matter for the frame's keys into the sandbox (see the
+/// module docs) and lists what the packet's path reads.
 fn seed(
     maps: &Maps,
     sandbox: &mut Sandbox,
     hook: Hook,
-    key: &CtKey,
+    cfg: &Config,
+    keys: &FrameKeys,
     read: &mut Vec<Entry>,
 ) -> Result<(), InspectError> {
-    let cfg = maps.element::<CONFIG>(0)?.unwrap_or_default();
-    read.push(entry::<CONFIG>(&0, &cfg));
+    read.push(entry::<CONFIG>(&0, cfg));
     let mut copy = Copier {
         maps,
         sandbox,
         read,
+        done: Vec::new(),
     };
-
-    // A reply (to a SNATed flow on the NIC, or from a local pod): its reverse-NAT entry, and
-    // the client's conntrack entry a FIN or RST marks closing.
-    if let Some(rev) = copy.one::<REVNAT>(key)? {
-        copy.one::<CONNTRACK>(&client_key(&rev, key.proto))?;
-    }
-    copy.one::<PEERS>(&key.daddr)?;
-    if hook == Hook::Reply {
-        return Ok(());
-    }
-    copy.one::<PEERS>(&key.saddr)?;
-    copy.shared::<LOCAL_ENDPOINTS>(&key.daddr)?;
-
-    // An established flow: its entry, its backend, and the reverse-NAT entry of its replies.
-    if let Some(ct) = copy.one::<CONNTRACK>(key)? {
-        if let Some(be) = copy.backend(ct.backend_id)? {
-            let rkey = if ct.flags & CT_SNAT != 0 {
-                reply_key(&be, cfg.snat_addr, ct.snat_port, key.proto)
-            } else {
-                reply_key(&be, key.saddr, key.sport, key.proto)
-            };
-            copy.one::<REVNAT>(&rkey)?;
+    match hook {
+        Hook::Reply => {
+            if let Some(k) = &keys.l4 {
+                copy.reply_flow(k)?;
+                copy.one::<RETURNS>(&swapped(k))?;
+            }
+            if let Some(q) = &keys.quote {
+                copy.request_flow(q)?;
+                copy.one::<RETURNS>(q)?;
+            }
+            copy.one::<PEERS>(&keys.daddr)?;
         }
-    }
-
-    // The services the destination may match: affinity of this client, and for a new flow
-    // the state at each backend of their rings.
-    let mut services = BTreeSet::new();
-    for addr in [0, key.daddr] {
-        let fkey = FrontendKey {
-            addr,
-            port: key.dport,
-            proto: key.proto,
-            _pad: 0,
-        };
-        if let Some(fe) = copy.shared::<FRONTENDS>(&fkey)? {
-            services.insert(fe.service_id);
-        }
-    }
-    let mut backends = BTreeSet::new();
-    for &service_id in &services {
-        let akey = AffinityKey {
-            client: key.saddr,
-            service_id,
-        };
-        copy.one::<AFFINITY>(&akey)?;
-        backends.extend(
-            maps.ring(service_id, cfg.maglev_size)?
-                .into_iter()
-                .filter(|&id| id != 0),
-        );
-    }
-    let mut ends = Vec::new();
-    for id in backends {
-        if let Some(be) = maps.element::<BACKENDS>(id)? {
-            copy.one::<REVNAT>(&reply_key(&be, key.saddr, key.sport, key.proto))?;
-            ends.push((be.addr[0], be.port));
-        }
-    }
-    if cfg.snat_addr != 0 && !ends.is_empty() {
-        for (k, v) in maps.entries::<REVNAT>()? {
-            if k.daddr == cfg.snat_addr
-                && k.proto == key.proto
-                && ends.contains(&(k.saddr, k.sport))
-            {
-                copy.sandbox.seed::<REVNAT>(&k, &v)?;
+        Hook::Ingress => {
+            copy.one::<PEERS>(&keys.saddr)?;
+            if let Some(inner) = &keys.inner {
+                // Tunnelled: a request for a pod here, or a reply of a flow held here.
+                copy.shared::<LOCAL_ENDPOINTS>(&inner.daddr)?;
+                if let Some(k) = &inner.l4 {
+                    copy.one::<RETURNS>(k)?;
+                    copy.reply_flow(k)?;
+                }
+                if let Some(q) = &inner.quote {
+                    copy.request_flow(q)?;
+                }
+            }
+            if let Some(q) = &keys.quote {
+                // An error from a backend about a SNATed request, or from the path about a
+                // reply (quoting frontend -> client).
+                if let Some(rev) = copy.one::<REVNAT>(&swapped(q))? {
+                    copy.one::<CONNTRACK>(&client_of(&rev, q.proto))?;
+                }
+                copy.reply_flow(q)?;
+            }
+            if let Some(k) = &keys.l4 {
+                copy.ingress(cfg, k)?;
             }
         }
     }
     Ok(())
 }
 
-/// Copies live entries into the sandbox and notes what was read.
+/// A 5-tuple the other way round (a reply's, from a request's).
+fn swapped(k: &CtKey) -> CtKey {
+    CtKey {
+        saddr: k.daddr,
+        daddr: k.saddr,
+        sport: k.dport,
+        dport: k.sport,
+        ..*k
+    }
+}
+
+/// The CONNTRACK key of the client a reverse-SNAT entry restores.
+fn client_of(rev: &RevNatEntry, proto: u8) -> FlowKey {
+    FlowKey {
+        client: rev.client_addr,
+        client_port: rev.client_port,
+        proto,
+        _pad: 0,
+    }
+}
+
+/// Copies live entries into the sandbox and notes what was read (each entry once).
 struct Copier<'a> {
     maps: &'a Maps,
     sandbox: &'a mut Sandbox,
     read: &'a mut Vec<Entry>,
+    /// (map, key) of the entries already listed.
+    done: Vec<(&'static str, String)>,
 }
 
 impl Copier<'_> {
+    /// A request's flow (its source is the client): the entry, its backend, and for a SNATed
+    /// flow the reverse-SNAT entry of its replies.
+    fn request_flow(&mut self, k: &CtKey) -> Result<Option<CtEntry>, InspectError> {
+        let key = FlowKey {
+            client: k.saddr,
+            client_port: k.sport,
+            proto: k.proto,
+            _pad: 0,
+        };
+        self.flow(&key, k.proto)
+    }
+
+    /// A reply's flow (its destination is the client).
+    fn reply_flow(&mut self, k: &CtKey) -> Result<Option<CtEntry>, InspectError> {
+        let key = FlowKey {
+            client: k.daddr,
+            client_port: k.dport,
+            proto: k.proto,
+            _pad: 0,
+        };
+        self.flow(&key, k.proto)
+    }
+
+    fn flow(&mut self, key: &FlowKey, proto: u8) -> Result<Option<CtEntry>, InspectError> {
+        let Some(ct) = self.one::<CONNTRACK>(key)? else {
+            return Ok(None);
+        };
+        if let Some(be) = self.backend(ct.backend_id)? {
+            if ct.flags & CT_SNAT != 0 {
+                let cfg = self.maps.element::<CONFIG>(0)?.unwrap_or_default();
+                self.one::<REVNAT>(&reply_key(&be, cfg.snat_addr, ct.snat_port, proto))?;
+            }
+        }
+        Ok(Some(ct))
+    }
+
+    /// A TCP/UDP packet on the NIC: a reply to a SNATed flow, a request of a flow (its own,
+    /// or another frontend's on the client's tuple), and for a new flow the services its
+    /// destination matches: this client's affinity, its entries at their backends, and the
+    /// SNAT entries towards them.
+    fn ingress(&mut self, cfg: &Config, k: &CtKey) -> Result<(), InspectError> {
+        if let Some(rev) = self.one::<REVNAT>(k)? {
+            self.one::<CONNTRACK>(&client_of(&rev, k.proto))?;
+        }
+        self.shared::<LOCAL_ENDPOINTS>(&k.daddr)?;
+        self.request_flow(k)?;
+        let mut services = BTreeSet::new();
+        for addr in [0, k.daddr] {
+            let fkey = FrontendKey {
+                addr,
+                port: k.dport,
+                proto: k.proto,
+                _pad: 0,
+            };
+            if let Some(fe) = self.shared::<FRONTENDS>(&fkey)? {
+                services.insert(fe.service_id);
+            }
+        }
+        let mut ends = Vec::new();
+        for &service_id in &services {
+            let akey = AffinityKey {
+                client: k.saddr,
+                service_id,
+            };
+            self.one::<AFFINITY>(&akey)?;
+            for id in self.maps.ring(service_id, cfg.maglev_size)? {
+                if id != 0 && !ends.iter().any(|(i, _)| *i == id) {
+                    if let Some(be) = self.maps.element::<BACKENDS>(id)? {
+                        ends.push((id, be));
+                    }
+                }
+            }
+        }
+        if cfg.snat_addr != 0 && !ends.is_empty() {
+            for (rk, v) in self.maps.entries::<REVNAT>()? {
+                let towards = |(_, b): &(u32, Backend)| b.addr[0] == rk.saddr && b.port == rk.sport;
+                if rk.daddr == cfg.snat_addr && rk.proto == k.proto && ends.iter().any(towards) {
+                    self.sandbox.seed::<REVNAT>(&rk, &v)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The live entry of `key` in a map the programs write: copied into the sandbox.
     fn one<M>(&mut self, key: &M::Key) -> Result<Option<M::Value>, InspectError>
     where
@@ -253,9 +336,17 @@ impl Copier<'_> {
         let found = self.maps.lookup::<M>(key)?;
         if let Some(v) = &found {
             self.sandbox.seed::<M>(key, v)?;
-            self.read.push(entry::<M>(key, v));
+            self.note(entry::<M>(key, v));
         }
         Ok(found)
+    }
+
+    fn note(&mut self, e: Entry) {
+        let id = (e.map, e.key.clone());
+        if !self.done.contains(&id) {
+            self.done.push(id);
+            self.read.push(e);
+        }
     }
 
     /// The live entry of `key` in a map the sandbox shares with the live programs.
@@ -267,7 +358,7 @@ impl Copier<'_> {
     {
         let found = self.maps.lookup::<M>(key)?;
         if let Some(v) = &found {
-            self.read.push(entry::<M>(key, v));
+            self.note(entry::<M>(key, v));
         }
         Ok(found)
     }
@@ -275,7 +366,7 @@ impl Copier<'_> {
     fn backend(&mut self, id: u32) -> Result<Option<Backend>, InspectError> {
         let be = self.maps.element::<BACKENDS>(id)?;
         if let Some(b) = &be {
-            self.read.push(entry::<BACKENDS>(&id, b));
+            self.note(entry::<BACKENDS>(&id, b));
         }
         Ok(be)
     }
@@ -301,24 +392,13 @@ fn reply_key(be: &Backend, dst: u32, dport: u16, proto: u8) -> CtKey {
     }
 }
 
-/// The client's conntrack key of the flow a reverse-NAT entry belongs to.
-fn client_key(rev: &RevNatEntry, proto: u8) -> CtKey {
-    CtKey {
-        saddr: rev.client_addr,
-        daddr: rev.frontend_addr,
-        sport: rev.client_port,
-        dport: rev.frontend_port,
-        proto,
-        ..Default::default()
-    }
-}
-
 /// The private maps' contents, before or after the run.
 struct State {
-    conntrack: Vec<(CtKey, CtEntry)>,
+    conntrack: Vec<(FlowKey, CtEntry)>,
     revnat: Vec<(CtKey, RevNatEntry)>,
     affinity: Vec<(AffinityKey, lb_common::AffinityEntry)>,
     peers: Vec<(u32, lb_common::PeerNode)>,
+    returns: Vec<(CtKey, ReturnEntry)>,
     stats: Vec<(Reason, u64)>,
 }
 
@@ -329,6 +409,7 @@ impl State {
             revnat: maps.entries::<REVNAT>()?,
             affinity: maps.entries::<AFFINITY>()?,
             peers: maps.entries::<PEERS>()?,
+            returns: maps.entries::<RETURNS>()?,
             stats: stats(maps)?,
         })
     }
@@ -344,6 +425,7 @@ impl State {
         diff::<REVNAT>(&self.revnat, &after.revnat, created, changed, removed);
         diff::<AFFINITY>(&self.affinity, &after.affinity, created, changed, removed);
         diff::<PEERS>(&self.peers, &after.peers, created, changed, removed);
+        diff::<RETURNS>(&self.returns, &after.returns, created, changed, removed);
     }
 }
 
@@ -382,29 +464,87 @@ fn out_interface(
     maps: &Maps,
     after: &State,
     reason: Reason,
-    key: Option<&CtKey>,
+    keys: &FrameKeys,
 ) -> Result<Option<u32>, InspectError> {
-    let Some(key) = key else { return Ok(None) };
+    let flow = |client: u32, port: u16, proto: u8| {
+        after
+            .conntrack
+            .iter()
+            .find(|(k, _)| k.client == client && k.client_port == port && k.proto == proto)
+            .map(|(_, e)| *e)
+    };
+    let backend_if = |ct: Option<CtEntry>| -> Result<Option<u32>, InspectError> {
+        Ok(match ct {
+            Some(ct) => maps.element::<BACKENDS>(ct.backend_id)?.map(|b| b.ifindex),
+            None => None,
+        })
+    };
+    let inner = keys.inner.as_deref();
     Ok(match reason {
-        Reason::FwdLocal | Reason::FwdRemote => {
-            let ct = after.conntrack.iter().find(|(k, _)| k == key);
-            match ct {
-                Some((_, ct)) => maps.element::<BACKENDS>(ct.backend_id)?.map(|b| b.ifindex),
+        Reason::FwdLocal | Reason::FwdRemote | Reason::FwdTunnel => match &keys.l4 {
+            Some(k) => backend_if(flow(k.saddr, k.sport, k.proto))?,
+            None => None,
+        },
+        Reason::RevNatRemote => after
+            .revnat
+            .iter()
+            .find(|(k, _)| Some(*k) == keys.l4)
+            .map(|(_, r)| r.ifindex),
+        Reason::RevNatLocal => keys
+            .l4
+            .and_then(|k| flow(k.daddr, k.dport, k.proto))
+            .map(|ct| ct.ifindex),
+        Reason::RevNatTunnel => inner
+            .and_then(|i| i.l4)
+            .and_then(|k| flow(k.daddr, k.dport, k.proto))
+            .map(|ct| ct.ifindex),
+        Reason::IcmpRevNat => {
+            let quote = keys.quote.or(inner.and_then(|i| i.quote));
+            match quote {
+                Some(q) => match flow(q.saddr, q.sport, q.proto) {
+                    Some(ct) => Some(ct.ifindex),
+                    // A SNATed flow's error, back to the client the REVNAT entry names.
+                    None => after
+                        .revnat
+                        .iter()
+                        .find(|(k, _)| *k == swapped(&q))
+                        .map(|(_, r)| r.ifindex),
+                },
                 None => None,
             }
         }
-        Reason::RevNatRemote | Reason::RevNatLocal => after
-            .revnat
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, r)| r.ifindex),
+        Reason::IcmpToBackend => match keys.quote {
+            Some(q) => backend_if(flow(q.daddr, q.dport, q.proto))?,
+            None => None,
+        },
         Reason::FwdPeer => maps
-            .lookup::<LOCAL_ENDPOINTS>(&key.daddr)?
+            .lookup::<LOCAL_ENDPOINTS>(&keys.daddr)?
             .map(|e| e.ifindex),
+        Reason::TunnelIn => match inner {
+            Some(i) => maps.lookup::<LOCAL_ENDPOINTS>(&i.daddr)?.map(|e| e.ifindex),
+            None => None,
+        },
+        Reason::TunnelReply => {
+            let key = keys.l4.map(|k| swapped(&k)).or(keys.quote);
+            after
+                .returns
+                .iter()
+                .find(|(k, _)| Some(*k) == key)
+                .map(|(_, r)| r.ifindex)
+        }
+        // Back out of the interface the packet came in on: the client's (the flow's entry
+        // names it) or, for a pod's reply on the owning node, the pod's veth.
+        Reason::IcmpTooBig => match &keys.l4 {
+            Some(k) => match flow(k.saddr, k.sport, k.proto) {
+                Some(ct) => Some(ct.ifindex),
+                None => maps.lookup::<LOCAL_ENDPOINTS>(&k.saddr)?.map(|e| e.ifindex),
+            },
+            None => None,
+        },
         Reason::ReplyPeer => after
             .peers
             .iter()
-            .find(|(a, _)| *a == key.daddr)
+            .find(|(a, _)| *a == keys.daddr)
             .map(|(_, p)| p.ifindex),
         _ => None,
     })

@@ -6,7 +6,10 @@ use std::fmt::Write as _;
 use lb_common::Reason;
 
 use super::{
-    counters::CountersReport, explain::Explanation, flows::FlowRow, targets::FrontendTargets,
+    counters::CountersReport,
+    explain::Explanation,
+    flows::{FlowRow, ReturnRow},
+    targets::FrontendTargets,
 };
 
 /// kubectl-style columns: left-aligned, three spaces apart, no trailing blanks.
@@ -47,10 +50,17 @@ pub fn counters_table(r: &CountersReport) -> String {
     render_table(&["REASON", "PACKETS"], &rows)
 }
 
-pub fn flows_table(rows: &[FlowRow]) -> String {
+/// The flows this node holds, then (when there are any) the tunnelled flows whose pods are
+/// here, with the node each one's replies go back to.
+pub fn flows_table(rows: &[FlowRow], returns: &[ReturnRow]) -> String {
     let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|f| {
+            let via = match (f.via, f.tunnel_to, f.snat_port) {
+                ("tunnel", Some(node), _) => format!("tunnel to {node}"),
+                ("snat", _, Some(port)) => format!("snat :{port}"),
+                (via, _, _) => via.to_string(),
+            };
             vec![
                 f.client.to_string(),
                 f.frontend.to_string(),
@@ -60,13 +70,12 @@ pub fn flows_table(rows: &[FlowRow]) -> String {
                     .unwrap_or_else(|| "<gone>".into()),
                 f.backend_id.to_string(),
                 f.service_id.to_string(),
-                f.snat_port
-                    .map(|p| p.to_string())
-                    .unwrap_or_else(|| "-".into()),
+                via,
+                if f.closing { "closing" } else { "open" }.to_string(),
             ]
         })
         .collect();
-    render_table(
+    let mut out = render_table(
         &[
             "CLIENT",
             "FRONTEND",
@@ -74,10 +83,30 @@ pub fn flows_table(rows: &[FlowRow]) -> String {
             "BACKEND",
             "BACKEND-ID",
             "SLOT",
-            "SNAT-PORT",
+            "VIA",
+            "STATE",
         ],
         &rows,
-    )
+    );
+    if !returns.is_empty() {
+        let rows: Vec<Vec<String>> = returns
+            .iter()
+            .map(|r| {
+                vec![
+                    r.client.to_string(),
+                    r.pod.to_string(),
+                    r.proto.clone(),
+                    format!("{} ({})", r.holder, r.encap),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&render_table(
+            &["TUNNELLED-IN CLIENT", "POD", "PROTO", "REPLIES BACK TO"],
+            &rows,
+        ));
+    }
+    out
 }
 
 pub fn targets_table(fes: &[FrontendTargets]) -> String {
@@ -120,7 +149,10 @@ pub fn targets_table(fes: &[FrontendTargets]) -> String {
                     .unwrap_or_else(|| "<empty slot>".into()),
                 t.id.to_string(),
                 t.state.to_string(),
-                t.location.unwrap_or("-").to_string(),
+                match (t.location, t.node) {
+                    (Some(l), Some(node)) => format!("{l} {node}"),
+                    (l, _) => l.unwrap_or("-").to_string(),
+                },
                 format!("{:.1}%", t.share_pct),
                 t.flows.to_string(),
                 notes.clone(),
@@ -250,6 +282,7 @@ mod tests {
             backend: Some(format!("10.244.1.{id}:8080").parse().unwrap()),
             state,
             location: Some("local"),
+            node: None,
             ring_slots: 5,
             share_pct: 50.0,
             flows: 2,
@@ -328,6 +361,7 @@ mod tests {
             output: input.clone(),
             rewritten: Some(Decoded::decode(&input)),
             out_ifindex: Some(7),
+            back_out: false,
             read: vec![Entry {
                 map: FRONTENDS::SPEC.name,
                 key: "*:30080/TCP".into(),

@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::SocketAddrV4;
 
 use lb_common::{
-    port_host, Backend, ProtoName, BE_LOCAL, BE_TERMINATING, FE_AFFINITY, FE_LOCAL_ONLY,
+    port_host, Backend, ProtoName, BE_LOCAL, BE_TERMINATING, BE_TUNNEL, FE_AFFINITY, FE_LOCAL_ONLY,
 };
 use serde::Serialize;
 
@@ -46,8 +46,11 @@ pub struct Target {
     /// None when the id holds no backend.
     pub backend: Option<SocketAddrV4>,
     pub state: TargetState,
-    /// "local" (a pod on this node) or "remote"; None when the id holds no backend.
+    /// "local" (a pod on this node), "tunnel" (on another node, through the tunnel) or
+    /// "snat" (on another node, SNATed); None when the id holds no backend.
     pub location: Option<&'static str>,
+    /// The owning node of a tunnelled backend.
+    pub node: Option<std::net::Ipv4Addr>,
     /// Ring positions pointing at it.
     pub ring_slots: u32,
     /// Share of new flows, percent of the ring.
@@ -140,10 +143,15 @@ pub fn targets(view: &dyn MapsView) -> Result<Vec<FrontendTargets>, InspectError
                 location: be.map(|b| {
                     if b.flags & BE_LOCAL != 0 {
                         "local"
+                    } else if b.flags & BE_TUNNEL != 0 {
+                        "tunnel"
                     } else {
-                        "remote"
+                        "snat"
                     }
                 }),
+                node: be
+                    .filter(|b| b.flags & (BE_LOCAL | BE_TUNNEL) == BE_TUNNEL)
+                    .map(|b| ip_of(b.node_addr)),
                 ring_slots: slots,
                 share_pct: if m > 0 {
                     slots as f64 * 100.0 / m as f64
@@ -179,7 +187,7 @@ pub fn targets(view: &dyn MapsView) -> Result<Vec<FrontendTargets>, InspectError
 
 #[cfg(test)]
 mod tests {
-    use lb_common::{CtEntry, CtKey, BE_LOCAL, BE_TERMINATING};
+    use lb_common::{CtEntry, FlowKey, BE_LOCAL, BE_TERMINATING};
 
     use super::*;
     use crate::inspect::view::test_world::{be, snapshot};
@@ -191,8 +199,8 @@ mod tests {
         s.backends
             .push(be([10, 244, 1, 6], 8080, BE_LOCAL | BE_TERMINATING, 8));
         s.conntrack.insert(
-            CtKey {
-                sport: 1,
+            FlowKey {
+                client_port: 1,
                 ..Default::default()
             },
             CtEntry {
@@ -202,8 +210,8 @@ mod tests {
             },
         );
         s.conntrack.insert(
-            CtKey {
-                sport: 2,
+            FlowKey {
+                client_port: 2,
                 ..Default::default()
             },
             CtEntry {
@@ -228,7 +236,7 @@ mod tests {
             rows,
             [
                 (1, TargetState::Healthy, Some("local"), 4, 1),
-                (2, TargetState::Healthy, Some("remote"), 3, 0),
+                (2, TargetState::Healthy, Some("snat"), 3, 0),
                 (3, TargetState::Draining, Some("local"), 0, 1),
             ]
         );

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{
-    maps::{BACKENDS, CONFIG, CONNTRACK, FRONTENDS, MAGLEV},
-    port_host, v4_octets, Backend, Config, CtEntry, CtKey, Frontend, FrontendKey, Reason,
-    BE_ACTIVE,
+    maps::{BACKENDS, CONFIG, CONNTRACK, FRONTENDS, MAGLEV, RETURNS},
+    port_host, v4_octets, Backend, Config, CtEntry, CtKey, FlowKey, Frontend, FrontendKey, Reason,
+    ReturnEntry, BE_ACTIVE,
 };
 
 use crate::bpf::{dataplane::stats, maps::Maps};
@@ -22,7 +22,9 @@ pub trait MapsView {
     fn backend(&self, id: u32) -> Result<Option<Backend>, InspectError>;
     /// The ring of service slot `service_id`; shorter than `maglev_size` only if the map is.
     fn ring(&self, service_id: u32, maglev_size: u32) -> Result<Vec<u32>, InspectError>;
-    fn flows(&self) -> Result<Vec<(CtKey, CtEntry)>, InspectError>;
+    fn flows(&self) -> Result<Vec<(FlowKey, CtEntry)>, InspectError>;
+    /// The tunnelled flows whose pods are on this node.
+    fn returns(&self) -> Result<Vec<(CtKey, ReturnEntry)>, InspectError>;
     /// Counters summed over CPUs, one per `Reason`.
     fn stats(&self) -> Result<Vec<(Reason, u64)>, InspectError>;
 }
@@ -64,8 +66,12 @@ impl MapsView for Maps {
         Ok(out)
     }
 
-    fn flows(&self) -> Result<Vec<(CtKey, CtEntry)>, InspectError> {
+    fn flows(&self) -> Result<Vec<(FlowKey, CtEntry)>, InspectError> {
         Ok(self.entries::<CONNTRACK>()?)
+    }
+
+    fn returns(&self) -> Result<Vec<(CtKey, ReturnEntry)>, InspectError> {
+        Ok(self.entries::<RETURNS>()?)
     }
 
     fn stats(&self) -> Result<Vec<(Reason, u64)>, InspectError> {
@@ -82,7 +88,8 @@ pub struct Snapshot {
     pub backends: Vec<Backend>,
     /// The flat ring sequence (service `s` at `[s * M, (s + 1) * M)`).
     pub rings: Vec<u32>,
-    pub conntrack: HashMap<CtKey, CtEntry>,
+    pub conntrack: HashMap<FlowKey, CtEntry>,
+    pub returns: HashMap<CtKey, ReturnEntry>,
     /// Indexed by `Reason as usize`.
     pub stats: Vec<u64>,
 }
@@ -102,8 +109,11 @@ impl MapsView for Snapshot {
         let end = (start + maglev_size as usize).min(self.rings.len());
         Ok(self.rings.get(start..end).unwrap_or_default().to_vec())
     }
-    fn flows(&self) -> Result<Vec<(CtKey, CtEntry)>, InspectError> {
+    fn flows(&self) -> Result<Vec<(FlowKey, CtEntry)>, InspectError> {
         Ok(self.conntrack.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn returns(&self) -> Result<Vec<(CtKey, ReturnEntry)>, InspectError> {
+        Ok(self.returns.iter().map(|(k, v)| (*k, *v)).collect())
     }
     fn stats(&self) -> Result<Vec<(Reason, u64)>, InspectError> {
         Ok(Reason::ALL

@@ -7,7 +7,9 @@
 //! must be Service (v1), EndpointSlice (discovery.k8s.io/v1) or Node (v1, parsed but not used
 //! yet). Errors name the document (1-based), the list item, and the field path.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -17,6 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::slim::SlimEndpointSlice;
+use super::state::node_ips;
 use crate::control::model::DesiredState;
 use crate::k8s::translate::{translate, Skipped, TranslateOptions};
 
@@ -147,14 +150,27 @@ pub fn parse_str(text: &str) -> Result<Manifests, StandaloneError> {
     Ok(out)
 }
 
+/// What a manifest file gives a node: its desired state, what was skipped, and the other
+/// nodes' InternalIPs (from the file's Node objects: where tunnelled endpoints go).
+pub struct FileState {
+    pub desired: DesiredState,
+    pub skipped: Vec<Skipped>,
+    pub node_ips: BTreeMap<String, Ipv4Addr>,
+}
+
 /// Loads a manifest file and translates it for node `node_name`.
 pub fn translate_file(
     path: &Path,
     node_name: &str,
     opts: &TranslateOptions,
-) -> Result<(DesiredState, Vec<Skipped>), StandaloneError> {
+) -> Result<FileState, StandaloneError> {
     let m = load_file(path)?;
-    Ok(translate(&m.services, &m.slim_slices(), node_name, opts))
+    let (desired, skipped) = translate(&m.services, &m.slim_slices(), node_name, opts);
+    Ok(FileState {
+        desired,
+        skipped,
+        node_ips: node_ips(&m.nodes, node_name).0,
+    })
 }
 
 fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
@@ -473,8 +489,8 @@ status:
         std::fs::write(&path, &text).unwrap();
         let result = translate_file(&path, NODE, &TranslateOptions::default());
         std::fs::remove_dir_all(&dir).unwrap();
-        let (desired, skipped) = result.unwrap();
-        check_ui_nlb(&desired, &skipped);
+        let state = result.unwrap();
+        check_ui_nlb(&state.desired, &state.skipped);
 
         // The same as a YAML List.
         let yaml = serde_yaml::to_string(&list).unwrap();

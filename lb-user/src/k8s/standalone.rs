@@ -7,14 +7,12 @@
 //! runtime retry what it could not do yet. A bad file keeps the last good state. Stop:
 //! detach, remove the pins unless `--keep-pins`, exit 0.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{error, info, warn};
 
-use super::manifest::{translate_file, StandaloneError};
-use crate::control::model::DesiredState;
+use super::manifest::{translate_file, FileState, StandaloneError};
 use crate::k8s::translate::TranslateOptions;
 use crate::node::{options::NodeOptions, process, runtime::NodeRuntime, RunError};
 
@@ -58,13 +56,13 @@ fn file_stamp(path: &Path) -> Option<FileStamp> {
     })
 }
 
-fn load_desired(opts: &StandaloneOptions) -> Result<DesiredState, StandaloneError> {
-    let (desired, skipped) = translate_file(
+fn load_desired(opts: &StandaloneOptions) -> Result<FileState, StandaloneError> {
+    let state = translate_file(
         &opts.config,
         &opts.node.node_name,
         &TranslateOptions::default(),
     )?;
-    for s in &skipped {
+    for s in &state.skipped {
         warn!(
             "{}: skipped {} {}: {}",
             opts.config.display(),
@@ -73,22 +71,23 @@ fn load_desired(opts: &StandaloneOptions) -> Result<DesiredState, StandaloneErro
             s.reason
         );
     }
-    Ok(desired)
+    Ok(state)
 }
 
 /// Runs until SIGTERM/SIGINT; Ok after a clean shutdown.
 pub fn run(opts: &StandaloneOptions) -> Result<(), StandaloneRunError> {
     process::install_signal_handlers()?;
-    let desired = load_desired(opts).map_err(|source| StandaloneRunError::File {
+    let state = load_desired(opts).map_err(|source| StandaloneRunError::File {
         path: opts.config.clone(),
         source: Box::new(source),
     })?;
     let mut stamp = file_stamp(&opts.config);
-    // The file names no Nodes: remote endpoints go by the route to their pod.
+    // Remote endpoints of the file's Nodes go to their InternalIP (through the tunnel),
+    // others by the route to their pod.
     let mut rt = NodeRuntime::start(
         &opts.node,
-        desired,
-        BTreeMap::new(),
+        state.desired,
+        state.node_ips,
         &format!("{:?}", opts.config),
     )?;
     rt.announce_ready();
@@ -100,10 +99,10 @@ pub fn run(opts: &StandaloneOptions) -> Result<(), StandaloneRunError> {
         if now != stamp {
             stamp = now;
             match load_desired(opts) {
-                Ok(desired) => {
+                Ok(state) => {
                     info!("{} changed: applying it", opts.config.display());
                     // Errors are logged and retried by tick().
-                    let _ = rt.set_desired(desired, BTreeMap::new());
+                    let _ = rt.set_desired(state.desired, state.node_ips);
                     continue;
                 }
                 Err(e) => error!(

@@ -324,10 +324,13 @@ fn health_check_port(svc: &Service, desired: &DesiredState) -> Option<u16> {
 }
 
 /// Other nodes' InternalIPv4 by name, and whether this node exists.
-pub fn node_ips(nodes: &[Arc<Node>], this_node: &str) -> (BTreeMap<String, Ipv4Addr>, bool) {
+pub fn node_ips<N: std::borrow::Borrow<Node>>(
+    nodes: &[N],
+    this_node: &str,
+) -> (BTreeMap<String, Ipv4Addr>, bool) {
     let mut out = BTreeMap::new();
     let mut found = false;
-    for node in nodes {
+    for node in nodes.iter().map(std::borrow::Borrow::borrow) {
         let name = node.name_any();
         if name == this_node {
             found = true;

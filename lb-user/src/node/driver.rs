@@ -93,6 +93,8 @@ pub(crate) struct Driver {
     pub(crate) failed: bool,
     /// When the last full apply ran.
     pub(crate) last_full: Instant,
+    /// Remote endpoints of known nodes are reached through the tunnel.
+    pub(crate) tunnel: bool,
     /// Backend resolutions reused by scoped applies.
     pub(crate) resolved: RefCell<ResolveCache>,
 }
@@ -122,7 +124,8 @@ impl Driver {
         // program before its backend enters a ring, or the replies of the first flows sent
         // to it would leave through the kernel without reverse NAT.
         let local = {
-            let resolver = NetResolver::new(&self.node_name, &self.node_ips, &self.resolved);
+            let resolver =
+                NetResolver::new(&self.node_name, &self.node_ips, &self.resolved, self.tunnel);
             let ports = match scope {
                 Scope::All => None,
                 Scope::Changed(c) => Some(c),
@@ -136,7 +139,8 @@ impl Driver {
         };
         self.local_ifindexes.extend(local);
         self.attach_tc(dp);
-        let resolver = NetResolver::new(&self.node_name, &self.node_ips, &self.resolved);
+        let resolver =
+            NetResolver::new(&self.node_name, &self.node_ips, &self.resolved, self.tunnel);
         let res = self
             .reconciler
             .apply_scoped(&self.desired, scope, &resolver, dp);

@@ -130,6 +130,8 @@ struct RouteGet {
 #[derive(Debug, Deserialize)]
 struct Link {
     ifindex: u32,
+    #[serde(default)]
+    mtu: Option<u32>,
     address: Option<String>,
     link_type: Option<String>,
     #[serde(default)]
@@ -174,6 +176,11 @@ fn link(name: &str, with_addrs: bool) -> Result<Link, NetinfoError> {
 /// Ifindex of interface `name` in this namespace.
 pub fn ifindex(name: &str) -> Result<u32, NetinfoError> {
     Ok(link(name, false)?.ifindex)
+}
+
+/// The MTU of interface `name` (1500 when `ip` does not say).
+pub fn mtu(name: &str) -> Result<u32, NetinfoError> {
+    Ok(link(name, false)?.mtu.unwrap_or(1500))
 }
 
 /// Ethernet address of interface `ifname`.

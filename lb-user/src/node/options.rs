@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use lb_common::{v4, Config, CFG_DEC_TTL, MAX_NODE_ADDRS};
+use lb_common::{port_be, v4, Config, CFG_DEC_TTL, CFG_TUNNEL, CFG_TUNNEL_FOU, MAX_NODE_ADDRS};
 use log::warn;
 
 use super::netinfo::NetinfoError;
@@ -49,6 +49,28 @@ impl std::fmt::Display for PortRange {
     }
 }
 
+/// How a request reaches a pod on another node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RemoteMode {
+    /// Encapsulated to the node that owns the pod (client address kept, no SNAT port); the
+    /// replies come back the same way.
+    Tunnel,
+    /// SNATed to this node's SNAT address and forwarded; the pod sees the SNAT address.
+    Snat,
+}
+
+/// The tunnel's encapsulation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TunnelEncap {
+    /// IP-in-IP (IP protocol 4): 20 bytes.
+    Ipip,
+    /// IPv4 in UDP (FOU) to `--tunnel-port`: 28 bytes, for networks that drop protocol 4.
+    Fou,
+}
+
+/// FOU's default UDP port (the one the kernel's FOU documentation uses).
+pub const DEFAULT_TUNNEL_PORT: u16 = 5555;
+
 /// How the data plane runs on this node (the flags `standalone` and `agent` share).
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
@@ -71,6 +93,14 @@ pub struct NodeOptions {
     pub maglev_size: u32,
     pub snat_ports: PortRange,
     pub keep_pins: bool,
+    pub remote_mode: RemoteMode,
+    pub tunnel_encap: TunnelEncap,
+    pub tunnel_port: u16,
+    /// None: the MTU of `iface`.
+    pub tunnel_mtu: Option<u16>,
+    /// This node's tunnel address, what its peers know it by. None: the first node address
+    /// (the InternalIP, normally).
+    pub tunnel_addr: Option<Ipv4Addr>,
 }
 
 impl NodeOptions {
@@ -134,22 +164,42 @@ pub(crate) fn join(addrs: &[Ipv4Addr]) -> String {
         .join(",")
 }
 
-/// The PEERS keys: the configured peer SNAT addresses, else the other nodes' InternalIPs;
-/// never one of this node's own addresses or its SNAT address.
+/// The PEERS keys: the configured peer SNAT addresses, else the other nodes' InternalIPs,
+/// and in tunnel mode the other nodes' InternalIPs too (their tunnel addresses); never one
+/// of this node's own addresses or its SNAT address.
 pub(crate) fn peer_addrs(
     configured: &[Ipv4Addr],
     node_ips: &BTreeMap<String, Ipv4Addr>,
     node_addrs: &[Ipv4Addr],
     snat_addr: Ipv4Addr,
+    mode: RemoteMode,
 ) -> Vec<Ipv4Addr> {
-    let all: Vec<Ipv4Addr> = if configured.is_empty() {
+    let mut all: Vec<Ipv4Addr> = if configured.is_empty() {
         node_ips.values().copied().collect()
     } else {
         configured.to_vec()
     };
+    if mode == RemoteMode::Tunnel {
+        for a in node_ips.values() {
+            if !all.contains(a) {
+                all.push(*a);
+            }
+        }
+    }
     all.into_iter()
         .filter(|a| *a != snat_addr && !node_addrs.contains(a))
         .collect()
+}
+
+/// The tunnel's part of CONFIG: this node's tunnel address, the FOU port, the largest packet
+/// the tunnel path carries, and the flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunnelConfig {
+    pub mode: RemoteMode,
+    pub encap: TunnelEncap,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub mtu: u16,
 }
 
 /// The CONFIG value for this node.
@@ -157,10 +207,18 @@ pub(crate) fn node_config(
     node_addrs: &[Ipv4Addr],
     snat_addr: Ipv4Addr,
     snat_ports: PortRange,
+    tunnel: &TunnelConfig,
 ) -> Config {
     let mut addrs = [0u32; MAX_NODE_ADDRS];
     for (slot, a) in addrs.iter_mut().zip(node_addrs) {
         *slot = v4(a.octets())[0];
+    }
+    let mut flags = CFG_DEC_TTL;
+    if tunnel.mode == RemoteMode::Tunnel {
+        flags |= CFG_TUNNEL;
+    }
+    if tunnel.encap == TunnelEncap::Fou {
+        flags |= CFG_TUNNEL_FOU;
     }
     Config {
         node_addrs: addrs,
@@ -169,11 +227,14 @@ pub(crate) fn node_config(
         maglev_size: 0,
         snat_port_min: snat_ports.min,
         snat_port_max: snat_ports.max,
-        flags: CFG_DEC_TTL,
+        flags,
         snat_idle_s: SNAT_IDLE_S,
         close_grace_s: CLOSE_GRACE_S,
         // Dataplane::set_config moves its own epoch on.
         frontend_epoch: 0,
+        tunnel_addr: v4(tunnel.addr.octets())[0],
+        tunnel_port: port_be(tunnel.port),
+        tunnel_mtu: tunnel.mtu,
     }
 }
 
@@ -187,13 +248,22 @@ mod tests {
         let nodes: BTreeMap<String, Ipv4Addr> =
             [("n1".to_string(), ip(11)), ("n2".to_string(), ip(12))].into();
         let (own, snat) = ([ip(10)], ip(150));
-        assert_eq!(peer_addrs(&[], &nodes, &own, snat), vec![ip(11), ip(12)]);
+        let snat_mode = RemoteMode::Snat;
         assert_eq!(
-            peer_addrs(&[ip(151), ip(150), ip(152)], &nodes, &own, snat),
+            peer_addrs(&[], &nodes, &own, snat, snat_mode),
+            vec![ip(11), ip(12)]
+        );
+        assert_eq!(
+            peer_addrs(&[ip(151), ip(150), ip(152)], &nodes, &own, snat, snat_mode),
             vec![ip(151), ip(152)],
             "configured peers win, our own SNAT address is never a peer"
         );
-        assert!(peer_addrs(&[], &BTreeMap::new(), &own, snat).is_empty());
+        assert!(peer_addrs(&[], &BTreeMap::new(), &own, snat, snat_mode).is_empty());
+        // Tunnel mode: the other nodes' InternalIPs are their tunnel addresses, peers too.
+        assert_eq!(
+            peer_addrs(&[ip(151)], &nodes, &own, snat, RemoteMode::Tunnel),
+            vec![ip(151), ip(11), ip(12)]
+        );
     }
 
     #[test]
@@ -257,8 +327,22 @@ mod tests {
                 min: 61000,
                 max: 65535,
             },
+            &TunnelConfig {
+                mode: RemoteMode::Tunnel,
+                encap: TunnelEncap::Fou,
+                addr: "192.168.1.10".parse().unwrap(),
+                port: 5555,
+                mtu: 1400,
+            },
         );
         assert_eq!(cfg.node_addrs[0].to_ne_bytes(), [192, 168, 1, 10]);
+        assert_eq!(
+            cfg.flags & (CFG_TUNNEL | CFG_TUNNEL_FOU),
+            CFG_TUNNEL | CFG_TUNNEL_FOU
+        );
+        assert_eq!(cfg.tunnel_addr.to_ne_bytes(), [192, 168, 1, 10]);
+        assert_eq!(cfg.tunnel_port, 5555u16.to_be());
+        assert_eq!((cfg.tunnel_mtu, cfg.tunnel_mss()), (1400, 1400 - 28 - 40));
         assert_eq!(cfg.node_addrs[1].to_ne_bytes(), [10, 0, 0, 1]);
         assert_eq!(cfg.node_addrs[2], 0);
         assert_eq!(cfg.snat_addr.to_ne_bytes(), [192, 168, 1, 10]);

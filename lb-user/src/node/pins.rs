@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use lb_common::{Backend, CtEntry, CtKey, BE_ACTIVE};
+use lb_common::{Backend, CtEntry, FlowKey, BE_ACTIVE};
 use log::{info, warn};
 
 use super::RunError;
@@ -108,10 +108,10 @@ pub fn clear_control_maps(dp: &mut Dataplane) -> Result<BackendsById, DataplaneE
 /// Conntrack entries whose backend id now holds another backend (or none) would send an
 /// established flow somewhere else: delete them so the flow selects anew.
 fn moved_flows(
-    flows: &[(CtKey, CtEntry)],
+    flows: &[(FlowKey, CtEntry)],
     old: &BackendsById,
     now: &dyn Fn(u32) -> Option<Backend>,
-) -> Vec<CtKey> {
+) -> Vec<FlowKey> {
     let same = |a: &Backend, b: &Backend| a.addr == b.addr && a.port == b.port;
     flows
         .iter()
@@ -157,8 +157,8 @@ mod tests {
     fn takeover_drops_flows_whose_backend_id_changed() {
         let flow = |sport: u16, id: u32| {
             (
-                CtKey {
-                    sport,
+                FlowKey {
+                    client_port: sport,
                     ..Default::default()
                 },
                 CtEntry {
@@ -183,7 +183,7 @@ mod tests {
         };
         let stale: Vec<u16> = moved_flows(&flows, &old, &now)
             .iter()
-            .map(|k| k.sport)
+            .map(|k| k.client_port)
             .collect();
         assert_eq!(stale, [2, 3, 4]);
     }

@@ -64,6 +64,8 @@ pub(crate) struct NetResolver<'a> {
     cache: &'a RefCell<ResolveCache>,
     /// When this apply began: older failures are looked up again.
     started: Instant,
+    /// Remote endpoints of known nodes go through the tunnel (`--remote-mode tunnel`).
+    tunnel: bool,
     pub(crate) local_ifindexes: RefCell<BTreeSet<u32>>,
 }
 
@@ -72,11 +74,13 @@ impl<'a> NetResolver<'a> {
         node: &'a str,
         node_ips: &'a BTreeMap<String, Ipv4Addr>,
         cache: &'a RefCell<ResolveCache>,
+        tunnel: bool,
     ) -> Self {
         NetResolver {
             node,
             node_ips,
             cache,
+            tunnel,
             started: Instant::now(),
             local_ifindexes: RefCell::new(BTreeSet::new()),
         }
@@ -119,6 +123,7 @@ impl Resolver for NetResolver<'_> {
                 ifindex: d.ifindex,
                 dmac: d.dmac,
                 smac: d.smac,
+                tunnel_to: self.tunnel.then_some(node_ip),
             });
         }
         let d = self.lookup(spec.addr)?;
@@ -126,10 +131,12 @@ impl Resolver for NetResolver<'_> {
         if d.local {
             self.local_ifindexes.borrow_mut().insert(d.ifindex);
         }
+        // A remote pod of an unknown node: routed to the pod itself, by SNAT.
         Ok(Delivery {
             ifindex: d.ifindex,
             dmac: d.dmac,
             smac: d.smac,
+            tunnel_to: None,
         })
     }
 }

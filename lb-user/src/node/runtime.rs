@@ -23,7 +23,10 @@ use log::{info, warn};
 use super::{
     driver::Driver,
     netinfo,
-    options::{join, node_addrs, node_config, peer_addrs, NodeOptions, PortRange},
+    options::{
+        join, node_addrs, node_config, peer_addrs, NodeOptions, PortRange, RemoteMode,
+        TunnelConfig, TunnelEncap,
+    },
     pins::{
         check_existing_pins, clear_control_maps, lock_pin_dir, prune_moved_flows, PinCleanup,
         PinLock,
@@ -61,6 +64,7 @@ pub struct NodeRuntime {
     pin_dir: PathBuf,
     /// `NodeOptions::peer_snat_addrs`.
     peer_snat_addrs: Vec<Ipv4Addr>,
+    tunnel: TunnelConfig,
 }
 
 impl NodeRuntime {
@@ -83,6 +87,18 @@ impl NodeRuntime {
             netinfo::ipv4_addrs(&opts.iface)
         })?;
         let snat_addr = opts.snat_addr.unwrap_or(node_addrs[0]);
+        let tunnel = TunnelConfig {
+            mode: opts.remote_mode,
+            encap: opts.tunnel_encap,
+            addr: opts.tunnel_addr.unwrap_or(node_addrs[0]),
+            port: opts.tunnel_port,
+            mtu: match opts.tunnel_mtu {
+                Some(mtu) => mtu,
+                None => netinfo::mtu(&opts.iface)
+                    .map_err(iface_err)?
+                    .min(u16::MAX as u32) as u16,
+            },
+        };
 
         let dp_opts = DataplaneOptions {
             max_services: opts.max_services,
@@ -115,13 +131,19 @@ impl NodeRuntime {
             dir: pin_dir.clone(),
             keep: opts.keep_pins,
         };
-        dp.set_config(&node_config(&node_addrs, snat_addr, opts.snat_ports))
-            .map_err(dp_err("writing CONFIG"))?;
+        dp.set_config(&node_config(
+            &node_addrs,
+            snat_addr,
+            opts.snat_ports,
+            &tunnel,
+        ))
+        .map_err(dp_err("writing CONFIG"))?;
         dp.set_peers(&peer_addrs(
             &opts.peer_snat_addrs,
             &node_ips,
             &node_addrs,
             snat_addr,
+            opts.remote_mode,
         ))
         .map_err(dp_err("writing PEERS"))?;
         let old_backends = if takeover {
@@ -147,6 +169,7 @@ impl NodeRuntime {
             retry: false,
             failed: false,
             last_full: Instant::now(),
+            tunnel: opts.remote_mode == RemoteMode::Tunnel,
             resolved: RefCell::new(ResolveCache::default()),
         };
         driver
@@ -188,6 +211,7 @@ impl NodeRuntime {
             snat_ports: opts.snat_ports,
             pin_dir,
             peer_snat_addrs: opts.peer_snat_addrs.clone(),
+            tunnel,
         })
     }
 
@@ -205,8 +229,23 @@ impl NodeRuntime {
             self.driver.backends_in_use()
         );
         info!(
-            "node addresses {}, SNAT {} ports {}, pins in {:?}",
+            "node addresses {}, remote pods by {}, SNAT {} ports {}, pins in {:?}",
             join(&self.node_addrs),
+            match self.tunnel.mode {
+                RemoteMode::Tunnel => format!(
+                    "{:?} tunnel from {} (MTU {}, MSS clamped to {})",
+                    self.tunnel.encap,
+                    self.tunnel.addr,
+                    self.tunnel.mtu,
+                    self.tunnel.mtu.saturating_sub(
+                        match self.tunnel.encap {
+                            TunnelEncap::Ipip => lb_common::IPIP_OVERHEAD,
+                            TunnelEncap::Fou => lb_common::FOU_OVERHEAD,
+                        } + 40
+                    )
+                ),
+                RemoteMode::Snat => "SNAT".to_string(),
+            },
             self.snat_addr,
             self.snat_ports,
             self.pin_dir
@@ -240,6 +279,7 @@ impl NodeRuntime {
             &self.driver.node_ips,
             &self.node_addrs,
             self.snat_addr,
+            self.tunnel.mode,
         );
         if let Err(e) = self.dp.set_peers(&peers) {
             warn!("cannot write the peer nodes' SNAT addresses: {e}");

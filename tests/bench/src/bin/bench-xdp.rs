@@ -33,7 +33,7 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
-use lb_common::{port_be, CtEntry, CtKey, Frontend, Reason, DEFAULT_MAGLEV_SIZE, PROTO_TCP};
+use lb_common::{port_be, CtEntry, FlowKey, Frontend, Reason, DEFAULT_MAGLEV_SIZE, PROTO_TCP};
 use lb_tests::{
     fixture::{addr, frontend_key, local_backend, node_config, ring_for, XDP_PASS, XDP_REDIRECT},
     packet::Packet,
@@ -213,7 +213,7 @@ struct Size {
     arp: Vec<u8>,
     ct_pkt: Vec<u8>,
     /// The ct_hit fixed point's conntrack entry, rewritten after each new_flow chain flushes it.
-    ct_entry: (CtKey, CtEntry),
+    ct_entry: (FlowKey, CtEntry),
     chain_pkt: Vec<u8>,
 }
 
@@ -256,16 +256,15 @@ fn prepare(n: u32, args: &Args) -> Result<Size> {
         affinity_timeout_s: 0,
     };
     dp.set_frontend(&frontend_key(Some(be_ip), 8080, PROTO_TCP), &fe)?;
-    let key = CtKey {
-        saddr: addr(CLIENT)[0],
-        daddr: addr(be_ip)[0],
-        sport: port_be(40000),
-        dport: port_be(8080),
+    let key = FlowKey {
+        client: addr(CLIENT)[0],
+        client_port: port_be(40000),
         proto: PROTO_TCP,
-        _pad0: 0,
-        _pad1: 0,
+        _pad: 0,
     };
     let mut entry = CtEntry {
+        frontend_addr: addr(be_ip)[0],
+        frontend_port: port_be(8080),
         backend_id: 1 + target * args.backends,
         service_id: target,
         ..Default::default()
