@@ -63,7 +63,7 @@ impl Default for DataplaneOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error(
-        "loading the BPF object failed (are you root with CAP_BPF, and is the kernel >= 5.15?)"
+        "loading the BPF object failed (are you root with CAP_BPF, and is the kernel >= 6.1?)"
     )]
     Load {
         #[source]
@@ -114,6 +114,8 @@ pub enum DataplaneError {
     },
     #[error(transparent)]
     Bpffs(#[from] crate::bpffs::BpffsError),
+    #[error(transparent)]
+    KernelFeatures(#[from] crate::kernel_features::KernelFeaturesError),
     #[error("mmap of the MAGLEV map failed: {source}")]
     Mmap {
         #[source]
@@ -254,6 +256,7 @@ const PROG_TC: &str = "lb_reply";
 impl Dataplane {
     /// Loads the embedded object with maps sized by `opts`. Nothing is attached yet.
     pub fn load(opts: DataplaneOptions) -> Result<Self, DataplaneError> {
+        crate::kernel_features::require()?;
         let ring_entries =
             opts.maglev_size
                 .checked_mul(opts.max_services)

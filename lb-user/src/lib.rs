@@ -5,6 +5,7 @@ pub mod bpffs;
 pub mod dataplane;
 pub mod inspect;
 pub mod intern;
+pub mod kernel_features;
 pub mod maglev;
 pub mod model;
 pub mod netinfo;
