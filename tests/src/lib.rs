@@ -12,3 +12,4 @@ pub mod netns;
 pub mod packet;
 pub mod scenario;
 pub mod topology;
+pub mod vmnet;
