@@ -2,9 +2,11 @@
 
 mod cmd;
 mod k8s;
+mod kernels;
 mod run_bin;
 mod setup;
 mod test;
+mod vm;
 
 use std::process::ExitCode;
 
