@@ -537,6 +537,11 @@ fn boot(kernel: &Kernel, accel: Accel, bins: &Binaries, out: &Path) -> Result<()
             mac: lb_tests_guest_mac().into(),
             queues: NIC_QUEUES,
         }),
+        host_paths: vec![
+            cmd::workspace_root(),
+            bins.bin_dir.clone(),
+            kernel.modules.clone(),
+        ],
         memory_mib: GUEST_MEMORY_MIB,
         cpus: GUEST_CPUS,
         timeout,

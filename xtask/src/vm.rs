@@ -102,6 +102,9 @@ pub struct VmSpec {
     /// Run by `/bin/sh` as the guest's PID 1 (a host path: the guest sees the host's files).
     pub guest_script: PathBuf,
     pub nic: Option<Nic>,
+    /// Host paths the guest must see (workspace, binaries, kernel tree): those under `/tmp`
+    /// are bound back over the guest's own tmpfs `/tmp`.
+    pub host_paths: Vec<PathBuf>,
     pub memory_mib: u32,
     pub cpus: u32,
     pub timeout: Duration,
@@ -145,7 +148,7 @@ pub fn build_initramfs(spec: &VmSpec) -> Result<PathBuf, VmError> {
     cpio.file(
         "init",
         0o755,
-        init_script(kernel, &spec.out_dir, &spec.guest_script).as_bytes(),
+        init_script(kernel, &spec.out_dir, &spec.guest_script, &spec.host_paths).as_bytes(),
     );
     let path = dir.join(format!("initramfs-{}.cpio", kernel.release));
     fs::write(&path, cpio.finish()).map_err(|source| VmError::Io {
@@ -158,8 +161,27 @@ pub fn build_initramfs(spec: &VmSpec) -> Result<PathBuf, VmError> {
 
 /// The initramfs's `/init`: mounts, then hands over to the guest script on the host's root.
 /// Any failure is printed and powers the guest off, so the host never waits for a hung init.
-fn init_script(kernel: &Kernel, out_dir: &Path, script: &Path) -> String {
+fn init_script(kernel: &Kernel, out_dir: &Path, script: &Path, host_paths: &[PathBuf]) -> String {
     let out = out_dir.display();
+    // A workspace under /tmp (a CI clone, say) would vanish under the guest's tmpfs: the
+    // host's /tmp stays reachable under /run and those paths are bound back.
+    let mut under_tmp: Vec<String> = host_paths
+        .iter()
+        .chain([&out_dir.to_path_buf(), &script.to_path_buf()])
+        .filter_map(|p| p.strip_prefix("/tmp").ok())
+        .filter(|rel| !rel.as_os_str().is_empty())
+        .map(|rel| rel.display().to_string())
+        .collect();
+    under_tmp.sort();
+    under_tmp.dedup();
+    let binds: String = under_tmp
+        .iter()
+        .map(|rel| {
+            format!(
+                "$B mkdir -p \"/newroot/tmp/{rel}\" && $B mount --bind \"/newroot/run/lbx-host-tmp/{rel}\" \"/newroot/tmp/{rel}\" \\\n    || fail \"binding the host's /tmp/{rel}\"\n"
+            )
+        })
+        .collect();
     format!(
         r#"#!/bin/busybox sh
 B=/bin/busybox
@@ -172,9 +194,11 @@ if $B grep -qw lbx.probe /proc/cmdline; then $B poweroff -f; fi
 for m in /modules/*.ko; do $B insmod "$m" || fail "insmod $m"; done
 $B mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize={MSIZE},cache=loose hostroot /newroot \
     || fail "mounting the host's root over 9p"
-$B mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp || fail "tmpfs on /tmp"
 $B mount -t tmpfs -o mode=0755 tmpfs /newroot/run || fail "tmpfs on /run"
-$B mount -t 9p -o rw,trans=virtio,version=9p2000.L,msize={MSIZE} lbxout "/newroot{out}" \
+$B mkdir /newroot/run/lbx-host-tmp && $B mount --bind /newroot/tmp /newroot/run/lbx-host-tmp \
+    || fail "keeping the host's /tmp reachable"
+$B mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp || fail "tmpfs on /tmp"
+{binds}$B mount -t 9p -o rw,trans=virtio,version=9p2000.L,msize={MSIZE} lbxout "/newroot{out}" \
     || fail "mounting the output directory {out}"
 $B umount /proc /sys
 $B mount --move /dev /newroot/dev
@@ -182,6 +206,7 @@ exec $B switch_root /newroot /bin/sh "{script}"
 "#,
         release = kernel.release,
         script = script.display(),
+        binds = binds,
     )
 }
 
@@ -393,6 +418,7 @@ pub fn probe_kvm(kernel: &Kernel, dir: &Path) -> Result<Duration, String> {
         out_dir: dir.to_owned(),
         guest_script: dir.join("guest.sh"),
         nic: None,
+        host_paths: Vec::new(),
         memory_mib: 512,
         cpus: 1,
         timeout: KVM_PROBE_TIMEOUT,
@@ -575,6 +601,35 @@ impl Drop for KillOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_paths_under_tmp_are_bound_back() {
+        let kernel = Kernel {
+            spec: crate::kernels::MATRIX[0],
+            package: "linux-image-6.1.0-57-amd64".into(),
+            version: "6.1.192-3".into(),
+            release: "6.1.0-57-amd64".into(),
+            image: "/cache/vmlinux".into(),
+            modules: "/cache/tree/lib/modules/6.1.0-57-amd64".into(),
+        };
+        let out = Path::new("/tmp/ci/target/lbx-kernels/6.1");
+        let script = init_script(
+            &kernel,
+            out,
+            &out.join("guest.sh"),
+            &[PathBuf::from("/tmp/ci"), PathBuf::from("/root/.cache/lbx")],
+        );
+        let keep = script
+            .find("--bind /newroot/tmp /newroot/run/lbx-host-tmp")
+            .unwrap();
+        let tmpfs = script.find("tmpfs /newroot/tmp").unwrap();
+        let bind = script
+            .find("mount --bind \"/newroot/run/lbx-host-tmp/ci\" \"/newroot/tmp/ci\"")
+            .unwrap();
+        let out_mount = script.find("lbxout").unwrap();
+        assert!(keep < tmpfs && tmpfs < bind && bind < out_mount, "{script}");
+        assert!(!script.contains("/newroot/tmp/root"), "{script}");
+    }
 
     #[test]
     fn cpio_entries_are_newc_and_aligned() {
