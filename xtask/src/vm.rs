@@ -102,8 +102,9 @@ pub struct VmSpec {
     /// Run by `/bin/sh` as the guest's PID 1 (a host path: the guest sees the host's files).
     pub guest_script: PathBuf,
     pub nic: Option<Nic>,
-    /// Host paths the guest must see (workspace, binaries, kernel tree): those under `/tmp`
-    /// are bound back over the guest's own tmpfs `/tmp`.
+    /// Host directories the guest must see (workspace, binaries, kernel tree; the guest
+    /// script must lie in one of them or in `out_dir`): those under `/tmp` are bound back
+    /// over the guest's own tmpfs `/tmp`.
     pub host_paths: Vec<PathBuf>,
     pub memory_mib: u32,
     pub cpus: u32,
@@ -167,7 +168,7 @@ fn init_script(kernel: &Kernel, out_dir: &Path, script: &Path, host_paths: &[Pat
     // host's /tmp stays reachable under /run and those paths are bound back.
     let mut under_tmp: Vec<String> = host_paths
         .iter()
-        .chain([&out_dir.to_path_buf(), &script.to_path_buf()])
+        .chain([&out_dir.to_path_buf()])
         .filter_map(|p| p.strip_prefix("/tmp").ok())
         .filter(|rel| !rel.as_os_str().is_empty())
         .map(|rel| rel.display().to_string())
