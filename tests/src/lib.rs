@@ -13,3 +13,4 @@ pub mod netns;
 pub mod packet;
 pub mod scenario;
 pub mod topology;
+pub mod vmnet;

@@ -2,9 +2,12 @@
 
 mod cmd;
 mod k8s;
+mod kernels;
+mod matrix;
 mod run_bin;
 mod setup;
 mod test;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -36,7 +39,21 @@ enum Task {
         debug: bool,
     },
     /// Run every test and the format check: the command CI runs. Needs root.
-    Test,
+    Test {
+        /// Run only the kernel matrix: the tests inside Debian's 6.1 and 6.12 kernels
+        /// under qemu (see `cargo xtask kernels`).
+        #[arg(long)]
+        kernels: bool,
+    },
+    /// The kernel matrix alone (what `cargo xtask test --kernels` runs): Debian's kernels
+    /// fetched and cached, booted under qemu (KVM if it boots them, else TCG), the BPF
+    /// object loaded, fixtures, attach tests, a data-path subset and native XDP on
+    /// virtio-net inside each. Needs root.
+    Kernels {
+        /// Only this kernel of the matrix (repeatable), e.g. `--kernel 6.1`.
+        #[arg(long = "kernel", value_name = "SERIES")]
+        only: Vec<String>,
+    },
     /// Run a benchmark suite (lbx-bench, tests/bench) in release mode; extra arguments go to
     /// the suite.
     Bench {
@@ -95,7 +112,11 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
                 .context("cargo xtask build-ebpf")?;
             println!("{}", object.display());
         }
-        Task::Test => test::run()?,
+        Task::Test { kernels } => test::run(kernels)?,
+        Task::Kernels { only } => {
+            setup::run()?;
+            matrix::run(&only).context("cargo xtask kernels")?;
+        }
         Task::Bench { suite, args } => {
             // The suite builds lb-user, whose build script needs the eBPF toolchain.
             setup::run()?;

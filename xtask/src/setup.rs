@@ -16,8 +16,8 @@ use lb_ebpf_build::{find_on_path, BPF_LINKER};
 use crate::cmd::{self, CmdError};
 
 /// Debian packages: the BPF-capable compiler (rustc-web, cargo-web, rust-web-src), what
-/// bpf-linker links against (LLVM 22, polly, zstd, zlib), and the network tools the
-/// namespace tests and the lab drive.
+/// bpf-linker links against (LLVM 22, polly, zstd, zlib), the network tools the
+/// namespace tests and the lab drive, and what the kernel matrix boots guests with.
 pub const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -33,6 +33,13 @@ pub const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "conntrack",
     "tcpdump",
+    // The kernel matrix (`cargo xtask test --kernels`): qemu, the guests' initramfs
+    // (busybox), depmod/modprobe over the unpacked kernels, and the kernel payloads' formats.
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
+    "xz-utils",
+    "zstd",
 ];
 
 /// The Debian package holding the etcd server binary the control-plane tests run.
@@ -286,7 +293,7 @@ fn etcd_candidate() -> Result<String, SetupError> {
 }
 
 /// "Candidate: 3.4.23-4+b4" from `apt-cache policy PACKAGE`; None for "(none)" or no line.
-fn parse_candidate(policy: &str) -> Option<String> {
+pub(crate) fn parse_candidate(policy: &str) -> Option<String> {
     policy
         .lines()
         .find_map(|line| line.trim().strip_prefix("Candidate:"))

@@ -54,15 +54,20 @@ struct Step {
 }
 
 /// Runs every step even after a failure (CI then reports all problems at once) and prints a
-/// summary line.
-pub fn run() -> Result<(), TestError> {
+/// summary line. `kernels_only`: just the kernel matrix step.
+pub fn run(kernels_only: bool) -> Result<(), TestError> {
     if !cmd::is_root() {
         return Err(TestError::NotRoot);
     }
     setup::run().map_err(|source| TestError::Setup { source })?;
-    let binaries = control_plane_binaries()?;
+    let binaries = if kernels_only {
+        None
+    } else {
+        Some(control_plane_binaries()?)
+    };
     let started = Instant::now();
-    let steps = steps(&binaries);
+    let mut steps = binaries.as_ref().map(steps).unwrap_or_default();
+    steps.push(kernel_matrix_step());
     let total = steps.len();
     let mut failed = Vec::new();
     for Step { name, mut command } in steps {
@@ -143,6 +148,18 @@ fn steps(binaries: &ControlPlaneBinaries) -> Vec<Step> {
             command: fmt,
         },
     ]
+}
+
+/// The kernel matrix (xtask/src/matrix.rs), run as `xtask kernels` in a child process like
+/// every other step, after the host's own steps.
+fn kernel_matrix_step() -> Step {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("cargo-xtask"));
+    let mut command = Command::new(exe);
+    command.arg("kernels").current_dir(cmd::workspace_root());
+    Step {
+        name: "kernel matrix (Debian 6.1, 6.12 under qemu)",
+        command,
+    }
 }
 
 fn error_chain(err: &CmdError) -> String {

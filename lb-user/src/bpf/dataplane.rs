@@ -87,7 +87,7 @@ impl Default for DataplaneOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error(
-        "loading the BPF object failed (are you root with CAP_BPF, and is the kernel >= 5.15?)"
+        "loading the BPF object failed (are you root with CAP_BPF, and is the kernel >= 6.1?)"
     )]
     Load {
         #[source]
@@ -133,6 +133,8 @@ pub enum DataplaneError {
     },
     #[error(transparent)]
     Bpffs(#[from] super::bpffs::BpffsError),
+    #[error(transparent)]
+    KernelFeatures(#[from] super::kernel_features::KernelFeaturesError),
     #[error("maglev_size {maglev_size} x max_services {max_services} overflows the map size")]
     TooLarge { maglev_size: u32, max_services: u32 },
 }
@@ -177,6 +179,7 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads the embedded object with maps sized by `opts`. Nothing is attached yet.
     pub fn load(opts: DataplaneOptions) -> Result<Self, DataplaneError> {
+        super::kernel_features::require()?;
         let sizes = opts.sizes();
         sizes
             .maglev_size

@@ -9,10 +9,12 @@
 //! - [`sandbox`]: a private instance of the programs over a running instance's maps, for
 //!   `explain`: what the live program would do, without writing the live maps;
 //! - [`pins`]: where instances pin their maps and what a pin directory must hold;
+//! - [`kernel_features`]: what the kernel must offer, probed before the object loads;
 //! - [`bpffs`], [`netdev`], [`testrun`]: the kernel interfaces underneath.
 
 pub mod bpffs;
 pub mod dataplane;
+pub mod kernel_features;
 pub mod local_endpoints;
 pub mod maps;
 pub mod netdev;
