@@ -396,10 +396,11 @@ pub struct LocalEndpoint {
 }
 const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 16);
 
-/// Value of `PEERS` (key: another node's SNAT address, wire order): where replies to that
-/// node's forwarded flows leave. Userspace inserts the key with a zero value; `lb_ingress`
-/// fills in the interface and MACs from the peer's first forwarded request (the reply goes
-/// back the way the request came), so `ifindex == 0` means "not seen yet".
+/// Value of `PEERS` (key: another node's address, wire order): what that address may send
+/// us (`flags`), and where replies to its SNATed flows leave. Userspace writes the key and
+/// the flags with the rest zero; `lb_ingress` fills in the interface and MACs from the
+/// peer's first SNATed request (the reply goes back the way the request came), so
+/// `ifindex == 0` means "not seen yet".
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PeerNode {
@@ -409,8 +410,20 @@ pub struct PeerNode {
     pub mac: [u8; 6],
     /// Our MAC on `ifindex` (the requests' destination).
     pub node_mac: [u8; 6],
+    /// `PEER_SNAT` and/or `PEER_TUNNEL`.
+    pub flags: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
-const _: () = assert!(core::mem::size_of::<PeerNode>() == 16);
+const _: () = assert!(core::mem::size_of::<PeerNode>() == 20);
+
+/// `PeerNode::flags`: the address is a peer's SNAT address; its requests to our pods take
+/// the peer path (into the pod, replies straight back).
+pub const PEER_SNAT: u8 = 1;
+/// `PeerNode::flags`: the address is a peer's tunnel address; its encapsulated packets are
+/// taken. Only this: kube-proxy on that node masquerades to the same address, and those
+/// flows are the kernel's.
+pub const PEER_TUNNEL: u8 = 2;
 
 // lb-ebpf copies MAC addresses between map values and the packet as three 16-bit words
 // (`parse::copy_mac`): every MAC field must sit at an even offset of a 4-aligned value.

@@ -16,7 +16,7 @@ use lb_common::{
     hash::{client_hash, flow_hash},
     port_be, port_host, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, FlowKey,
     Frontend, FrontendKey, LocalEndpoint, PeerNode, Reason, RevNatEntry, BE_ACTIVE, BE_LOCAL,
-    BE_TERMINATING, BE_TUNNEL, CFG_PEERS, CT_CLOSING, CT_SNAT, CT_TUNNEL, FE_AFFINITY, PROTO_UDP,
+    BE_TERMINATING, BE_TUNNEL, CFG_PEERS, CT_CLOSING, CT_SNAT, CT_TUNNEL, FE_AFFINITY, PEER_SNAT, PROTO_TCP, PROTO_UDP,
     REV_CLOSING, REV_SNAT, SNAT_TIME_WAIT_S, UDP_IDLE_S,
 };
 
@@ -119,6 +119,9 @@ pub fn peer_request_lookup(cfg: &Config, p: &Parsed) -> Option<(*mut PeerNode, L
         return None;
     }
     let peer = PEERS.get_ptr_mut(&p.key.saddr)?;
+    if unsafe { (*peer).flags } & PEER_SNAT == 0 {
+        return None;
+    }
     let ep = unsafe { LOCAL_ENDPOINTS.get(&p.key.daddr) }?;
     Some((peer, *ep))
 }
@@ -152,7 +155,7 @@ pub fn peer_reply_lookup(cfg: &Config, daddr: u32) -> Option<PeerNode> {
         return None;
     }
     let peer = unsafe { PEERS.get(&daddr) }?;
-    if peer.ifindex == 0 {
+    if peer.ifindex == 0 || peer.flags & PEER_SNAT == 0 {
         return None;
     }
     Some(*peer)
@@ -386,6 +389,40 @@ pub fn reply_lookup(cfg: &Config, p: &Parsed, delivery: u8) -> Option<*mut CtEnt
         ct_closing(ct, now_s());
     }
     Some(ct)
+}
+
+/// A flow a peer node tunnels to local pod `p.key.daddr` now owns the pod's tuple (client
+/// address and port -> pod): this node's own entry for the same client tuple and pod (an
+/// older flow that entered through this node: a closing TCP one, or any UDP one) would
+/// otherwise catch the pod's replies first ([`reply_lookup`]) and send them to the client
+/// from this node's frontend, which the client drops. It is marked closed beyond the grace.
+/// A TCP entry that is not closing is a live connection on the same tuple (the client used
+/// the port towards two nodes at once): the pod can serve only one, and the live one keeps
+/// it. Entries to another pod, or of flows this node tunnels or SNATs, are untouched.
+#[inline(always)]
+pub fn ct_supersede_local(cfg: &Config, p: &Parsed) {
+    let key = FlowKey {
+        client: p.key.saddr,
+        client_port: p.key.sport,
+        proto: p.key.proto,
+        _pad: 0,
+    };
+    let Some(ct) = CONNTRACK.get_ptr_mut(&key) else {
+        return;
+    };
+    let e = unsafe { &mut *ct };
+    if e.flags & (CT_SNAT | CT_TUNNEL) != 0
+        || (p.key.proto == PROTO_TCP && e.flags & CT_CLOSING == 0)
+    {
+        return;
+    }
+    let Some(be) = backend(e.backend_id) else {
+        return;
+    };
+    if be.addr[0] == p.key.daddr && be.port == p.key.dport {
+        e.flags |= CT_CLOSING;
+        e.stamp_s = now_s().wrapping_sub(cfg.close_grace_s).wrapping_sub(1);
+    }
 }
 
 /// The packet's flow hash: its Maglev slot and its first SNAT port probe. Computed once per

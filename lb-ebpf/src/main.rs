@@ -37,7 +37,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Config, CtEntry, CtKey, Reason, ReturnEntry, BE_LOCAL, BE_TUNNEL, CFG_TUNNEL, CT_SNAT,
-    CT_TUNNEL, FOU_OVERHEAD, IPIP_OVERHEAD, PROTO_UDP, RET_FOU, REV_SNAT,
+    CT_TUNNEL, FOU_OVERHEAD, IPIP_OVERHEAD, PEER_TUNNEL, PROTO_UDP, RET_FOU, REV_SNAT,
 };
 
 use crate::{
@@ -271,8 +271,9 @@ fn tunnel_in(
     outer_saddr: u32,
     overhead: usize,
 ) -> Result<(u32, Reason), Reason> {
-    if unsafe { PEERS.get(&outer_saddr) }.is_none() {
-        return Err(Reason::PassTunnelPeer);
+    match unsafe { PEERS.get(&outer_saddr) } {
+        Some(peer) if peer.flags & PEER_TUNNEL != 0 => {}
+        _ => return Err(Reason::PassTunnelPeer),
     }
     let inner_off = l3_off + overhead;
     let inner_ip = ipv4_at(ctx, inner_off).map_err(|_| Reason::PassTunnelInner)?;
@@ -295,6 +296,9 @@ fn tunnel_in(
     if let Some(ep) = unsafe { LOCAL_ENDPOINTS.get(&inner.key.daddr) } {
         let ep = *ep;
         record_return(&inner, outer_saddr, ingress, peer_mac, node_mac, overhead);
+        if inner.opens_flow() {
+            lb::ct_supersede_local(cfg, &inner);
+        }
         tunnel::decap_xdp(ctx, l3_off, overhead, &ep.mac, &ep.node_mac)?;
         nat::dec_ttl(ctx, &at_eth(&inner), cfg.flags)?;
         return Ok((xmit(ep.ifindex), Reason::TunnelIn));

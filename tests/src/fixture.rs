@@ -223,7 +223,11 @@ pub fn world_in(pin_dir: Option<PathBuf>) -> Dataplane {
     .expect("load the BPF object (run as root; `cargo xtask test` does)");
     dp.set_config(&node_config()).unwrap();
     // Node 1 by its SNAT address (SNAT mode) and by its tunnel address.
-    dp.set_peers(&[PEER_SNAT, NODE1]).unwrap();
+    dp.set_peers(&[
+        (PEER_SNAT, lb_common::PEER_SNAT),
+        (NODE1, lb_common::PEER_TUNNEL),
+    ])
+    .unwrap();
 
     let a8080 = local_backend(POD_A, 8080, VETH_A_IFINDEX, VETH_A_MAC, POD_A_MAC);
     let b8080 = local_backend(POD_B, 8080, VETH_B_IFINDEX, VETH_B_MAC, POD_B_MAC);

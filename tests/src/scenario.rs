@@ -324,6 +324,22 @@ ports:
     y
 }
 
+/// A Node object as the API server shows it, with just the name and the InternalIP.
+pub fn node_object(name: &str, addr: Ipv4Addr) -> String {
+    format!(
+        "---
+apiVersion: v1
+kind: Node
+metadata:
+  name: {name}
+status:
+  addresses:
+  - type: InternalIP
+    address: {addr}
+"
+    )
+}
+
 /// What to build.
 #[derive(Clone, Debug)]
 pub struct LabSpec {
@@ -349,6 +365,11 @@ pub struct LabSpec {
     /// NATs to the node address (kube-proxy's masquerade): its port choices cannot collide
     /// with the agent's SNAT flows then.
     pub dedicated_snat: bool,
+    /// Standalone agents only: list the nodes as Node objects (InternalIP = the node's
+    /// address) in the config files, so the agents tunnel requests for other nodes' pods to
+    /// their nodes and the pods see the client's address (`--remote-mode tunnel`). Without
+    /// them an agent knows no other node and SNATs those requests (the PEERS path).
+    pub node_objects: bool,
 }
 
 /// The dedicated SNAT address of node `i` ([`LabSpec::dedicated_snat`]): 10.77.0.(150+i).
@@ -367,6 +388,7 @@ impl Default for LabSpec {
             control_plane: false,
             agent_args: Vec::new(),
             dedicated_snat: false,
+            node_objects: false,
         }
     }
 }
@@ -761,6 +783,12 @@ pub struct Answer {
     pub ttl: Option<u8>,
 }
 
+/// Filler byte `i` of a bulk exchange ([`HttpConn::exchange`]), both ways: the pod server
+/// (std only) has the same function.
+pub fn filler(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
 /// Parses a pod server body: `pod=NAME client=ADDR[ ttl=N]`.
 fn parse_body(body: &str) -> Result<(PodId, SocketAddrV4, Option<u8>), String> {
     let mut pod = None;
@@ -816,7 +844,22 @@ impl HttpConn {
         self.request(false)
     }
 
+    /// A bulk exchange on this connection, keeping it open: `upload` bytes to the pod (a
+    /// POST body) and `download` filler bytes back (`/bytes/N`), every byte checked.
+    pub fn exchange(&mut self, upload: usize, download: usize) -> Result<Answer, ScenarioError> {
+        self.send_and_read(false, upload, download)
+    }
+
     fn request(&mut self, close: bool) -> Result<Answer, ScenarioError> {
+        self.send_and_read(close, 0, 0)
+    }
+
+    fn send_and_read(
+        &mut self,
+        close: bool,
+        upload: usize,
+        download: usize,
+    ) -> Result<Answer, ScenarioError> {
         let target = self.target;
         let req_err = |source| ScenarioError::Request {
             what: "HTTP request to",
@@ -824,11 +867,17 @@ impl HttpConn {
             source,
         };
         let conn = if close { "close" } else { "keep-alive" };
-        let req = format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: {conn}\r\n\r\n");
-        self.reader
-            .get_mut()
-            .write_all(req.as_bytes())
-            .map_err(req_err)?;
+        let mut req = if upload == 0 && download == 0 {
+            format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: {conn}\r\n\r\n")
+        } else {
+            format!(
+                "POST /bytes/{download} HTTP/1.1\r\nHost: {target}\r\nConnection: {conn}\r\n\
+                 Content-Length: {upload}\r\n\r\n"
+            )
+        }
+        .into_bytes();
+        req.extend((0..upload).map(filler));
+        self.reader.get_mut().write_all(&req).map_err(req_err)?;
         let bad = |answer: String, detail: String| ScenarioError::BadAnswer {
             what: "HTTP request to",
             target,
@@ -860,7 +909,21 @@ impl HttpConn {
         };
         let mut body = vec![0u8; len];
         self.reader.read_exact(&mut body).map_err(req_err)?;
-        let body = String::from_utf8_lossy(&body).into_owned();
+        let line_end = body.iter().position(|&b| b == b'\n').map_or(len, |i| i + 1);
+        let (line, fill) = body.split_at(line_end);
+        if fill.len() != download {
+            return Err(bad(
+                format!("{} bytes", body.len()),
+                format!("{} filler bytes, asked for {download}", fill.len()),
+            ));
+        }
+        if let Some(i) = (0..fill.len()).find(|&i| fill[i] != filler(i)) {
+            return Err(bad(
+                format!("{download} filler bytes"),
+                format!("filler byte {i} is {}, expected {}", fill[i], filler(i)),
+            ));
+        }
+        let body = String::from_utf8_lossy(line).into_owned();
         let (pod, client_seen, ttl) = parse_body(&body).map_err(|e| bad(body.clone(), e))?;
         Ok(Answer {
             pod,
@@ -1375,7 +1438,12 @@ impl Lab {
             self.check_pod(e.pod)?;
         }
         let t = self.topology();
-        let text = manifest(endpoints, |p| t.pod_addr(p.node, p.pod));
+        let mut text = manifest(endpoints, |p| t.pod_addr(p.node, p.pod));
+        if self.spec.node_objects {
+            for node in 0..self.node_count() {
+                text.push_str(&node_object(&node_name(node), self.node_addr(node)));
+            }
+        }
         // Write and rename, so the agent never reads a half-written file.
         let tmp = path.with_extension("yaml.tmp");
         std::fs::write(&tmp, text).map_err(io_err("writing a config file", &tmp))?;
@@ -1905,6 +1973,27 @@ mod tests {
         );
         assert!(ReadyLine::parse("lbx: ready node=n0 iface=eth0").is_err());
         assert!(ReadyLine::parse("ready node=n0").is_err());
+    }
+
+    #[test]
+    fn node_objects_name_the_other_nodes_for_the_agent() {
+        let mut text = manifest(&[EndpointSpec::ready(PodId::new(1, 0))], |p| {
+            crate::topology::pod_addr_of(p.node, p.pod)
+        });
+        for node in 0..2 {
+            text.push_str(&node_object(
+                &node_name(node),
+                crate::topology::node_addr_of(node),
+            ));
+        }
+        let m = lb_user::k8s::manifest::parse_str(&text).expect("manifest parses");
+        assert_eq!((m.services.len(), m.endpoint_slices.len()), (1, 1));
+        let (others, found) = lb_user::k8s::state::node_ips(&m.nodes, &node_name(0));
+        assert!(found, "n0 is among the Node objects");
+        assert_eq!(
+            others.into_iter().collect::<Vec<_>>(),
+            [(node_name(1), crate::topology::node_addr_of(1))]
+        );
     }
 
     #[test]

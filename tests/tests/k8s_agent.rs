@@ -196,10 +196,17 @@ fn agent_follows_services_and_pods_through_the_real_endpointslice_controller() {
     assert_eq!(*a.client_seen.ip(), lab.client_addr());
     assert_eq!(a.peer, std::net::SocketAddrV4::new(n0, 30080));
     assert_eq!(lab.http_get(LB_INGRESS_IP, 80).unwrap().pod, p00);
-    // Through node 1 the pod is remote: SNAT to node 1, the reply still from node 1.
+    // Through node 1 the pod is remote: node 1 knows node 0 from its Node object, so it
+    // tunnels the request there (IP-in-IP) and the pod sees the client's own socket, as in
+    // ip mode; the reply still comes from node 1.
+    let tunnelled = lab.counters(1).unwrap()["fwd_tunnel"];
     let b = lab.http_get(n1, 30080).unwrap();
-    assert_eq!((b.pod, *b.client_seen.ip()), (p00, n1));
+    assert_eq!((b.pod, b.client_seen), (p00, b.local));
     assert_eq!(b.peer, std::net::SocketAddrV4::new(n1, 30080));
+    assert!(
+        lab.counters(1).unwrap()["fwd_tunnel"] >= tunnelled + 3,
+        "node 1 did not tunnel the flow's SYN, ACK and request"
+    );
 
     // 3 replicas over both nodes.
     start_pod(&lab, p01);

@@ -1872,7 +1872,7 @@ fn peer_path_follows_local_backends_and_peers() {
         }
     );
     // SNAT mode: node 1 is a peer by its SNAT address only.
-    dp.set_peers(&[PEER_SNAT]).unwrap();
+    dp.set_peers(&[(PEER_SNAT, lb_common::PEER_SNAT)]).unwrap();
     let to = |pod: Ipv4Addr| {
         Packet::eth(NODE1_MAC, NIC_MAC)
             .ipv4(PEER_SNAT, pod)
@@ -1884,7 +1884,13 @@ fn peer_path_follows_local_backends_and_peers() {
     // The first forwarded request teaches the peer entry.
     assert_eq!(
         dp.peers().unwrap(),
-        vec![(addr(PEER_SNAT)[0], Default::default())]
+        vec![(
+            addr(PEER_SNAT)[0],
+            lb_common::PeerNode {
+                flags: lb_common::PEER_SNAT,
+                ..Default::default()
+            }
+        )]
     );
     let (v, _) = dp.test_run_xdp(&to(POD_A)).unwrap();
     assert_eq!(v, XDP_REDIRECT);
@@ -1916,9 +1922,28 @@ fn peer_path_follows_local_backends_and_peers() {
     assert_eq!(dp.test_run_xdp(&to(POD_B)).unwrap().0, XDP_PASS);
     assert_eq!(stat(&dp, Reason::PassNonService), before + 1);
     // And back on.
-    dp.set_peers(&[PEER_SNAT]).unwrap();
+    dp.set_peers(&[(PEER_SNAT, lb_common::PEER_SNAT)]).unwrap();
     assert_ne!(dp.config().unwrap().flags & lb_common::CFG_PEERS, 0);
     assert_eq!(dp.test_run_xdp(&to(POD_B)).unwrap().0, XDP_REDIRECT);
+
+    // Roles: a tunnel-only peer (an InternalIP, which kube-proxy on that node masquerades
+    // to) gets no peer path: its plain requests to our pods are the kernel's. A SNAT-only
+    // peer's encapsulated packets are refused.
+    dp.set_peers(&[(NODE1, lb_common::PEER_TUNNEL)]).unwrap();
+    let masqueraded = Packet::eth(NODE1_MAC, NIC_MAC)
+        .ipv4(NODE1, POD_B)
+        .tcp(61301, 8080)
+        .syn()
+        .build();
+    assert_eq!(dp.test_run_xdp(&masqueraded).unwrap().0, XDP_PASS);
+    let inner = client().ipv4(CLIENT, POD_B).ttl(63).tcp(61302, 8080).syn();
+    let tunnelled = |from: Ipv4Addr| ipip((NODE1_MAC, NIC_MAC), from, NODE, 0x3333, &inner);
+    assert_eq!(dp.test_run_xdp(&tunnelled(NODE1)).unwrap().0, XDP_REDIRECT);
+    dp.set_peers(&[(NODE1, lb_common::PEER_SNAT)]).unwrap();
+    let before = stat(&dp, Reason::PassTunnelPeer);
+    assert_eq!(dp.test_run_xdp(&tunnelled(NODE1)).unwrap().0, XDP_PASS);
+    assert_eq!(stat(&dp, Reason::PassTunnelPeer), before + 1);
+    assert_eq!(dp.test_run_xdp(&masqueraded).unwrap().0, XDP_REDIRECT);
 }
 
 /// LOCAL_ENDPOINTS full (more local pods than its 16 384 entries): writing the backend still
@@ -1964,4 +1989,98 @@ fn local_endpoints_overflow_is_counted_and_catches_up() {
     assert!(in_map(&dp, CAP + 1));
     assert!(!in_map(&dp, 7));
     assert_eq!(dp.local_endpoints().unwrap().len(), CAP as usize);
+}
+
+/// A client tuple first served through this node (a local flow to POD_A, now closing), then
+/// through node 1, which tunnels it to the same pod: the pod's replies belong to the new
+/// flow and go back through the tunnel. The old local entry must not catch them (it would
+/// send them from this node's frontend, which the client drops). A live TCP connection on
+/// the same tuple keeps the pod's replies (the pod can serve only one of the two), and for
+/// UDP the latest flow wins.
+#[test]
+fn a_tunnelled_flow_takes_a_tuple_over_from_an_old_local_flow() {
+    require_root();
+    let mut dp = world();
+    let pod_reply = |sport: u16, port: u16, f: fn(Packet) -> Packet| {
+        f(Packet::eth(POD_A_MAC, VETH_A_MAC)
+            .ipv4(POD_A, CLIENT)
+            .tcp(sport, port))
+        .build()
+    };
+    let tunnelled_syn = |port: u16| {
+        let inner = client().ipv4(CLIENT, POD_A).ttl(63).tcp(port, 8080).syn();
+        ipip((NODE1_MAC, NIC_MAC), NODE1, NODE, 0x1111, &inner)
+    };
+    let outer = |out: &[u8]| lb_tests::packet::parse(out).unwrap().ip.unwrap();
+
+    for (port, close_first) in [(46000u16, true), (46001, false)] {
+        let local =
+            |f: fn(Packet) -> Packet| f(client().ipv4(CLIENT, NODE).tcp(port, 30080)).build();
+        assert_eq!(
+            dp.test_run_xdp(&local(|p| p.syn())).unwrap().0,
+            XDP_REDIRECT
+        );
+        if close_first {
+            assert_eq!(
+                dp.test_run_xdp(&local(|p| p.fin().ack())).unwrap().0,
+                XDP_REDIRECT
+            );
+            let (_, ct) = ct_entry(&dp, port, NODE, 30080);
+            assert_ne!(ct.flags & lb_common::CT_CLOSING, 0);
+        }
+        let before = stat(&dp, Reason::TunnelIn);
+        assert_eq!(
+            dp.test_run_xdp(&tunnelled_syn(port)).unwrap().0,
+            XDP_REDIRECT
+        );
+        assert_eq!(stat(&dp, Reason::TunnelIn), before + 1);
+
+        let (tunnel, rev_local) = (
+            stat(&dp, Reason::TunnelReply),
+            stat(&dp, Reason::RevNatLocal),
+        );
+        let (v, out) = dp
+            .test_run_tc(&pod_reply(8080, port, |p| p.ack().payload(b"data")))
+            .unwrap();
+        assert_eq!(v, TC_ACT_REDIRECT);
+        if close_first {
+            // The old flow's entry within its grace no longer matches: through the tunnel.
+            assert_eq!(stat(&dp, Reason::TunnelReply), tunnel + 1, "port {port}");
+            assert_eq!(
+                (outer(&out).dst, outer(&out).proto),
+                (NODE1, lb_tests::packet::IPPROTO_IPIP)
+            );
+        } else {
+            // A live local connection on the tuple keeps it.
+            assert_eq!(stat(&dp, Reason::RevNatLocal), rev_local + 1, "port {port}");
+            assert_eq!(outer(&out).src, NODE);
+        }
+    }
+
+    // UDP: a query through this node (POD_B:5353), then one node 1 tunnels to the same pod.
+    let port = 46002;
+    let query = client()
+        .ipv4(CLIENT, NODE)
+        .udp(port, 30080)
+        .payload(b"q")
+        .build();
+    assert_eq!(dp.test_run_xdp(&query).unwrap().0, XDP_REDIRECT);
+    let inner = client()
+        .ipv4(CLIENT, POD_B)
+        .ttl(63)
+        .udp(port, 5353)
+        .payload(b"q");
+    let tunnelled = ipip((NODE1_MAC, NIC_MAC), NODE1, NODE, 0x2222, &inner);
+    assert_eq!(dp.test_run_xdp(&tunnelled).unwrap().0, XDP_REDIRECT);
+    let answer = Packet::eth(POD_B_MAC, VETH_B_MAC)
+        .ipv4(POD_B, CLIENT)
+        .udp(5353, port)
+        .payload(b"a")
+        .build();
+    let (v, out) = dp.test_run_tc(&answer).unwrap();
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(
+        (outer(&out).dst, outer(&out).proto),
+        (NODE1, lb_tests::packet::IPPROTO_IPIP)
+    );
 }

@@ -5,7 +5,7 @@
 //! the node runtime, tests) goes through its typed methods, which keep the derived maps
 //! (SERVICE_PORTS, LOCAL_ENDPOINTS, the CONFIG epoch) in step with what is written.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -173,7 +173,8 @@ pub struct Dataplane {
     frontend_epoch: u32,
     local: LocalEndpoints,
     /// The keys of PEERS (peer nodes' SNAT addresses, wire order).
-    peers: BTreeSet<u32>,
+    /// PEERS keys and their roles (`PEER_SNAT`, `PEER_TUNNEL`), as last written.
+    peers: BTreeMap<u32, u8>,
 }
 
 impl Dataplane {
@@ -231,7 +232,7 @@ impl Dataplane {
             frontend_keys: Default::default(),
             frontend_epoch: 0,
             local: LocalEndpoints::default(),
-            peers: BTreeSet::new(),
+            peers: BTreeMap::new(),
         };
         // Pinned maps may already hold frontends (agent restart): rebuild the port bitmap.
         for (key, fe) in dp.frontends()? {
@@ -259,7 +260,7 @@ impl Dataplane {
             .maps
             .entries::<PEERS>()?
             .into_iter()
-            .map(|(k, _)| k)
+            .map(|(k, v)| (k, v.flags))
             .collect();
         // Continue a pinned config's epoch: going back to an older value could make entries
         // checked before a frontend change look current again.
@@ -391,18 +392,31 @@ impl Dataplane {
 
     /// Sets the other nodes' SNAT addresses (PEERS keys). Entries that stay keep what the
     /// program learned about them; `Config::flags` gets `CFG_PEERS` while there are any.
-    pub fn set_peers(&mut self, peers: &[std::net::Ipv4Addr]) -> Result<(), DataplaneError> {
-        let want: BTreeSet<u32> = peers
+    pub fn set_peers(&mut self, peers: &[(std::net::Ipv4Addr, u8)]) -> Result<(), DataplaneError> {
+        let want: BTreeMap<u32, u8> = peers
             .iter()
-            .map(|a| u32::from_ne_bytes(a.octets()))
+            .map(|(a, roles)| (u32::from_ne_bytes(a.octets()), *roles))
             .collect();
-        let gone: Vec<u32> = self.peers.difference(&want).copied().collect();
-        let new: Vec<u32> = want.difference(&self.peers).copied().collect();
+        let gone: Vec<u32> = self
+            .peers
+            .keys()
+            .filter(|a| !want.contains_key(a))
+            .copied()
+            .collect();
         let had = !self.peers.is_empty();
-        for addr in &new {
-            self.maps.insert::<PEERS>(addr, &PeerNode::default())?;
+        for (addr, roles) in &want {
+            if self.peers.get(addr) == Some(roles) {
+                continue;
+            }
+            // New, or its roles changed: keep what the program learned of it.
+            let learned = self.maps.lookup::<PEERS>(addr)?.unwrap_or_default();
+            let entry = PeerNode {
+                flags: *roles,
+                ..learned
+            };
+            self.maps.insert::<PEERS>(addr, &entry)?;
+            self.peers.insert(*addr, *roles);
         }
-        self.peers.extend(new.iter().copied());
         if !had && !self.peers.is_empty() {
             self.rewrite_config_flags()?;
         }

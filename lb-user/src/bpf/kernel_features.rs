@@ -141,13 +141,6 @@ pub const REQUIRED: &[Feature] = &[
     ),
     helper(
         Xdp,
-        H::BPF_FUNC_map_delete_elem,
-        "helper bpf_map_delete_elem in XDP",
-        "4.8",
-        "reverse-NAT entries of reselected flows",
-    ),
-    helper(
-        Xdp,
         H::BPF_FUNC_ktime_get_ns,
         "helper bpf_ktime_get_ns in XDP",
         "4.8",
@@ -168,6 +161,20 @@ pub const REQUIRED: &[Feature] = &[
         "delivery into pod veths and out of the NIC",
     ),
     helper(
+        Xdp,
+        H::BPF_FUNC_xdp_adjust_head,
+        "helper bpf_xdp_adjust_head in XDP",
+        "4.10",
+        "tunnel encapsulation and decapsulation, ICMP fragmentation-needed replies",
+    ),
+    helper(
+        Xdp,
+        H::BPF_FUNC_xdp_adjust_tail,
+        "helper bpf_xdp_adjust_tail in XDP",
+        "4.18",
+        "ICMP fragmentation-needed replies (the quote is cut to its limit)",
+    ),
+    helper(
         Tc,
         H::BPF_FUNC_map_lookup_elem,
         "helper bpf_map_lookup_elem in TC",
@@ -176,10 +183,10 @@ pub const REQUIRED: &[Feature] = &[
     ),
     helper(
         Tc,
-        H::BPF_FUNC_map_delete_elem,
-        "helper bpf_map_delete_elem in TC",
-        "4.1",
-        "closed flows' entries",
+        H::BPF_FUNC_skb_load_bytes,
+        "helper bpf_skb_load_bytes in TC",
+        "4.5",
+        "protocol bytes and MAC addresses of pod replies",
     ),
     helper(
         Tc,
@@ -222,6 +229,20 @@ pub const REQUIRED: &[Feature] = &[
         "helper bpf_skb_pull_data in TC",
         "4.9",
         "linear headers of non-linear replies",
+    ),
+    helper(
+        Tc,
+        H::BPF_FUNC_skb_adjust_room,
+        "helper bpf_skb_adjust_room (BPF_ADJ_ROOM_MAC) in TC",
+        "5.2",
+        "tunnelling replies back to the node that holds the flow, ICMP errors of pods",
+    ),
+    helper(
+        Tc,
+        H::BPF_FUNC_skb_change_tail,
+        "helper bpf_skb_change_tail in TC",
+        "4.9",
+        "ICMP errors of pods (the quote is cut to its limit)",
     ),
 ];
 
@@ -396,7 +417,7 @@ pub fn attach_methods() -> (&'static str, &'static str) {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
 
@@ -459,8 +480,18 @@ mod tests {
         assert!(msg.contains("CAP_BPF"), "{msg}");
     }
 
-    /// The sections of a 64-bit little-endian ELF: (name, bytes).
-    fn elf_sections(elf: &[u8]) -> Vec<(String, &[u8])> {
+    /// A 64-bit little-endian ELF relocatable, read just far enough to follow the BPF calls:
+    /// sections, function symbols and call relocations.
+    struct Elf<'a> {
+        /// (name, bytes) by section index.
+        sections: Vec<(String, &'a [u8])>,
+        /// Symbols: (section index, value, size, is a section symbol).
+        symbols: Vec<(usize, usize, usize, bool)>,
+        /// (section index, instruction offset) -> symbol index, from the SHT_REL sections.
+        call_relocs: BTreeMap<(usize, usize), usize>,
+    }
+
+    fn parse_elf(elf: &[u8]) -> Elf<'_> {
         let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap()) as usize;
         let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
         let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap()) as usize;
@@ -468,29 +499,121 @@ mod tests {
             (u64_at(0x28), u16_at(0x3a), u16_at(0x3c), u16_at(0x3e));
         let header = |i: usize| shoff + i * shentsize;
         let strtab = u64_at(header(shstrndx) + 0x18);
-        (0..shnum)
+        let bytes_of = |h: usize| -> &[u8] {
+            let (off, size) = (u64_at(h + 0x18), u64_at(h + 0x20));
+            if u32_at(h + 4) == 8 {
+                &[][..] // SHT_NOBITS
+            } else {
+                &elf[off..off + size]
+            }
+        };
+        let sections = (0..shnum)
             .map(|i| {
-                let h = header(i);
-                let name_at = strtab + u32_at(h);
+                let name_at = strtab + u32_at(header(i));
                 let end = elf[name_at..].iter().position(|&b| b == 0).unwrap();
                 let name = String::from_utf8_lossy(&elf[name_at..name_at + end]).into_owned();
-                let (off, size) = (u64_at(h + 0x18), u64_at(h + 0x20));
-                let bytes = if u32_at(h + 4) == 8 {
-                    &[][..] // SHT_NOBITS
-                } else {
-                    &elf[off..off + size]
-                };
-                (name, bytes)
+                (name, bytes_of(header(i)))
             })
-            .collect()
+            .collect();
+        let mut symbols = Vec::new();
+        let mut call_relocs = BTreeMap::new();
+        for i in 0..shnum {
+            let h = header(i);
+            match u32_at(h + 4) {
+                // SHT_SYMTAB: Elf64_Sym is name u32, info u8, other u8, shndx u16, value, size.
+                2 => {
+                    for sym in bytes_of(h).chunks_exact(24) {
+                        let shndx = u16::from_le_bytes([sym[6], sym[7]]) as usize;
+                        let value = u64::from_le_bytes(sym[8..16].try_into().unwrap()) as usize;
+                        let size = u64::from_le_bytes(sym[16..24].try_into().unwrap()) as usize;
+                        symbols.push((shndx, value, size, sym[4] & 0xf == 3)); // STT_SECTION
+                    }
+                }
+                // SHT_REL: Elf64_Rel is offset, info (symbol << 32 | type); sh_info names
+                // the section the relocations apply to.
+                9 => {
+                    let target = u32_at(h + 0x2c);
+                    for rel in bytes_of(h).chunks_exact(16) {
+                        let offset = u64::from_le_bytes(rel[0..8].try_into().unwrap()) as usize;
+                        let info = u64::from_le_bytes(rel[8..16].try_into().unwrap());
+                        call_relocs.insert((target, offset), (info >> 32) as usize);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Elf {
+            sections,
+            symbols,
+            call_relocs,
+        }
     }
 
-    /// Helper ids called by the BPF instructions in `code` (BPF_JMP|BPF_CALL, src_reg 0).
-    fn helper_calls(code: &[u8]) -> BTreeSet<u32> {
-        code.chunks_exact(8)
-            .filter(|insn| insn[0] == 0x85 && insn[1] >> 4 == 0)
-            .map(|insn| u32::from_le_bytes(insn[4..8].try_into().unwrap()))
-            .collect()
+    impl Elf<'_> {
+        /// The helper ids a program section can reach: its own calls and those of every
+        /// subprogram it calls (BPF-to-BPF calls, src_reg 1, followed through relocations into
+        /// .text), so code only XDP reaches is not charged to TC.
+        fn helpers_reachable_from(&self, prefix: &str) -> BTreeSet<u32> {
+            let function_at = |section: usize, offset: usize| -> (usize, usize) {
+                self.symbols
+                    .iter()
+                    .find(|&&(s, value, size, is_section)| {
+                        s == section && !is_section && value <= offset && offset < value + size
+                    })
+                    .map(|&(_, value, size, _)| (value, value + size))
+                    .unwrap_or_else(|| panic!("no function at {offset:#x} in section {section}"))
+            };
+            let mut todo: Vec<(usize, usize, usize)> = self
+                .sections
+                .iter()
+                .enumerate()
+                .filter(|(_, (name, _))| name.starts_with(prefix))
+                .map(|(i, (_, code))| (i, 0, code.len()))
+                .collect();
+            assert!(!todo.is_empty(), "no section named {prefix}*");
+            let (mut seen, mut helpers) = (BTreeSet::new(), BTreeSet::new());
+            while let Some((section, start, end)) = todo.pop() {
+                if !seen.insert((section, start)) {
+                    continue;
+                }
+                let code = self.sections[section].1;
+                for at in (start..end).step_by(8) {
+                    let insn = &code[at..at + 8];
+                    if insn[0] != 0x85 {
+                        continue;
+                    }
+                    let imm = i32::from_le_bytes(insn[4..8].try_into().unwrap());
+                    match insn[1] >> 4 {
+                        0 => {
+                            helpers.insert(imm as u32);
+                        }
+                        1 => {
+                            let (to_section, to_offset) = match self.call_relocs.get(&(section, at))
+                            {
+                                Some(&sym) => {
+                                    let (s, value, _, is_section) = self.symbols[sym];
+                                    if is_section {
+                                        (s, (value as i64 + (imm as i64 + 1) * 8) as usize)
+                                    } else {
+                                        (s, value)
+                                    }
+                                }
+                                None => (section, (at as i64 + 8 + imm as i64 * 8) as usize),
+                            };
+                            let (from, to) = function_at(to_section, to_offset);
+                            todo.push((to_section, from, to));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            helpers
+        }
+    }
+
+    /// The sections of a 64-bit little-endian ELF: (name, bytes).
+    fn elf_sections(elf: &[u8]) -> Vec<(String, &[u8])> {
+        parse_elf(elf).sections
     }
 
     fn required_helpers(prog: ProgramType) -> BTreeSet<u32> {
@@ -505,21 +628,12 @@ mod tests {
 
     #[test]
     fn the_helpers_probed_are_the_helpers_the_object_calls() {
-        let sections = elf_sections(crate::bpf::object::EBPF_OBJECT);
-        let calls = |prefix: &str| -> BTreeSet<u32> {
-            sections
-                .iter()
-                .filter(|(name, _)| name.starts_with(prefix))
-                .flat_map(|(_, code)| helper_calls(code))
-                .collect()
-        };
-        // Code shared by both program types (subprograms in .text) would need both lists.
-        let shared = calls(".text");
-        let xdp: BTreeSet<u32> = calls("xdp").union(&shared).copied().collect();
-        let tc: BTreeSet<u32> = calls("classifier").union(&shared).copied().collect();
+        let elf = parse_elf(crate::bpf::object::EBPF_OBJECT);
+        let xdp = elf.helpers_reachable_from("xdp");
+        let tc = elf.helpers_reachable_from("classifier");
         assert!(
             !xdp.is_empty() && !tc.is_empty(),
-            "no program sections found"
+            "no helper calls found in the program sections"
         );
         assert_eq!(
             required_helpers(Xdp),

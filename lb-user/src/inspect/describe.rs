@@ -11,7 +11,7 @@ use lb_common::{
     port_host, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, FlowKey, Frontend,
     FrontendKey, LocalEndpoint, PeerNode, ProtoName, ReturnEntry, RevNatEntry, BE_ACTIVE, BE_LOCAL,
     BE_TERMINATING, BE_TUNNEL, CFG_PEERS, CFG_TUNNEL, CFG_TUNNEL_FOU, CT_CLOSING, CT_SNAT,
-    CT_TUNNEL, FE_AFFINITY, FE_LOCAL_ONLY, RET_FOU, REV_CLOSING, REV_SNAT,
+    CT_TUNNEL, FE_AFFINITY, FE_LOCAL_ONLY, PEER_SNAT, PEER_TUNNEL, RET_FOU, REV_CLOSING, REV_SNAT,
 };
 
 use super::view::{ip_of, sock, sock4};
@@ -151,11 +151,17 @@ impl Describe for PEERS {
         ip_of(*addr).to_string()
     }
     fn value(p: &PeerNode) -> String {
+        let roles = match (p.flags & PEER_SNAT != 0, p.flags & PEER_TUNNEL != 0) {
+            (true, true) => "SNAT and tunnel peer",
+            (true, false) => "SNAT peer",
+            (false, true) => "tunnel peer",
+            (false, false) => "no role",
+        };
         if p.ifindex == 0 {
-            return "no request seen yet".to_string();
+            return format!("{roles}, no SNATed request seen yet");
         }
         format!(
-            "requests arrive on ifindex {} from {} (to {})",
+            "{roles}, SNATed requests arrive on ifindex {} from {} (to {})",
             p.ifindex,
             mac(&p.mac),
             mac(&p.node_mac)
@@ -304,6 +310,12 @@ mod tests {
         };
         assert_eq!(FRONTENDS::key(&fk), "*:30080/TCP");
         assert_eq!(BACKENDS::value(&Backend::default()), "empty slot");
-        assert_eq!(PEERS::value(&PeerNode::default()), "no request seen yet");
+        assert_eq!(
+            PEERS::value(&PeerNode {
+                flags: PEER_TUNNEL,
+                ..PeerNode::default()
+            }),
+            "tunnel peer, no SNATed request seen yet"
+        );
     }
 }

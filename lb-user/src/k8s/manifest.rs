@@ -3,9 +3,10 @@
 //! (and tests) see what lbx would program for a cluster without running in it.
 //!
 //! Accepted: YAML with one or more documents (`---`), or JSON (one object, a stream of
-//! them, or an array of them); any document may be a `kind: List` (or `ServiceList`, ...) with `items`. Objects
-//! must be Service (v1), EndpointSlice (discovery.k8s.io/v1) or Node (v1, parsed but not used
-//! yet). Errors name the document (1-based), the list item, and the field path.
+//! them, or an array of them); any document may be a `kind: List` (or `ServiceList`, ...)
+//! with `items`. Objects must be Service (v1), EndpointSlice (discovery.k8s.io/v1) or Node
+//! (v1: the other nodes' InternalIPs, where tunnelled endpoints go). Errors name the document
+//! (1-based), the list item, and the field path.
 
 use std::collections::BTreeMap;
 use std::fmt;

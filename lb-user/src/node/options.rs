@@ -6,7 +6,10 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use lb_common::{port_be, v4, Config, CFG_DEC_TTL, CFG_TUNNEL, CFG_TUNNEL_FOU, MAX_NODE_ADDRS};
+use lb_common::{
+    port_be, v4, Config, CFG_DEC_TTL, CFG_TUNNEL, CFG_TUNNEL_FOU, MAX_NODE_ADDRS, PEER_SNAT,
+    PEER_TUNNEL,
+};
 use log::warn;
 
 use super::netinfo::NetinfoError;
@@ -164,30 +167,34 @@ pub(crate) fn join(addrs: &[Ipv4Addr]) -> String {
         .join(",")
 }
 
-/// The PEERS keys: the configured peer SNAT addresses, else the other nodes' InternalIPs,
-/// and in tunnel mode the other nodes' InternalIPs too (their tunnel addresses); never one
-/// of this node's own addresses or its SNAT address.
+/// The PEERS entries, each with its role: the peers' SNAT addresses (the configured ones,
+/// else the other nodes' InternalIPs) take the peer path (`PEER_SNAT`); in tunnel mode the
+/// other nodes' InternalIPs are also tunnel addresses (`PEER_TUNNEL`), and only that when
+/// SNAT addresses are configured apart: kube-proxy there masquerades to the InternalIP, and
+/// those flows stay the kernel's. Never one of this node's own addresses or its SNAT address.
 pub(crate) fn peer_addrs(
     configured: &[Ipv4Addr],
     node_ips: &BTreeMap<String, Ipv4Addr>,
     node_addrs: &[Ipv4Addr],
     snat_addr: Ipv4Addr,
     mode: RemoteMode,
-) -> Vec<Ipv4Addr> {
-    let mut all: Vec<Ipv4Addr> = if configured.is_empty() {
+) -> Vec<(Ipv4Addr, u8)> {
+    let snat_peers: Vec<Ipv4Addr> = if configured.is_empty() {
         node_ips.values().copied().collect()
     } else {
         configured.to_vec()
     };
+    let mut all: Vec<(Ipv4Addr, u8)> = snat_peers.into_iter().map(|a| (a, PEER_SNAT)).collect();
     if mode == RemoteMode::Tunnel {
         for a in node_ips.values() {
-            if !all.contains(a) {
-                all.push(*a);
+            match all.iter_mut().find(|(b, _)| b == a) {
+                Some((_, roles)) => *roles |= PEER_TUNNEL,
+                None => all.push((*a, PEER_TUNNEL)),
             }
         }
     }
     all.into_iter()
-        .filter(|a| *a != snat_addr && !node_addrs.contains(a))
+        .filter(|(a, _)| *a != snat_addr && !node_addrs.contains(a))
         .collect()
 }
 
@@ -251,18 +258,30 @@ mod tests {
         let snat_mode = RemoteMode::Snat;
         assert_eq!(
             peer_addrs(&[], &nodes, &own, snat, snat_mode),
-            vec![ip(11), ip(12)]
+            vec![(ip(11), PEER_SNAT), (ip(12), PEER_SNAT)]
         );
         assert_eq!(
             peer_addrs(&[ip(151), ip(150), ip(152)], &nodes, &own, snat, snat_mode),
-            vec![ip(151), ip(152)],
+            vec![(ip(151), PEER_SNAT), (ip(152), PEER_SNAT)],
             "configured peers win, our own SNAT address is never a peer"
         );
         assert!(peer_addrs(&[], &BTreeMap::new(), &own, snat, snat_mode).is_empty());
-        // Tunnel mode: the other nodes' InternalIPs are their tunnel addresses, peers too.
+        // Tunnel mode: the other nodes' InternalIPs are their tunnel addresses; with SNAT
+        // addresses apart they take nothing else (kube-proxy masquerades to them).
         assert_eq!(
             peer_addrs(&[ip(151)], &nodes, &own, snat, RemoteMode::Tunnel),
-            vec![ip(151), ip(11), ip(12)]
+            vec![
+                (ip(151), PEER_SNAT),
+                (ip(11), PEER_TUNNEL),
+                (ip(12), PEER_TUNNEL)
+            ]
+        );
+        assert_eq!(
+            peer_addrs(&[], &nodes, &own, snat, RemoteMode::Tunnel),
+            vec![
+                (ip(11), PEER_SNAT | PEER_TUNNEL),
+                (ip(12), PEER_SNAT | PEER_TUNNEL)
+            ]
         );
     }
 

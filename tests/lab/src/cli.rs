@@ -54,6 +54,27 @@ pub struct LabArgs {
     /// when they run out: those SYNs are the kernel's (`pass_snat_exhausted`).
     #[arg(long, default_value = "1024-65535", value_name = "MIN-MAX")]
     pub snat_ports: String,
+    /// The agents' `--remote-mode`: how the XDP path delivers a flow whose pod is on another
+    /// node. `tunnel` (IP-in-IP to the pod's node; the pod sees the client) or `snat` (SNAT
+    /// to the agent's address and forward; the pod sees that address).
+    #[arg(long, value_enum, default_value_t = RemoteModeArg::Tunnel)]
+    pub remote_mode: RemoteModeArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RemoteModeArg {
+    Tunnel,
+    Snat,
+}
+
+impl RemoteModeArg {
+    /// The agent's value for `--remote-mode`.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            RemoteModeArg::Tunnel => "tunnel",
+            RemoteModeArg::Snat => "snat",
+        }
+    }
 }
 
 #[derive(Args, Clone, Debug)]

@@ -76,6 +76,8 @@ impl Cluster {
                 maglev.to_string(),
                 "--snat-ports".into(),
                 args.snat_ports.clone(),
+                "--remote-mode".into(),
+                args.remote_mode.as_arg().into(),
             ],
             ..LabSpec::default()
         };

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use lb_tests::scenario::{self, NftProbe, PodId, TCP_NODE_PORT, TCP_TARGET_PORT};
 
-use crate::cli::CompareArgs;
+use crate::cli::{CompareArgs, RemoteModeArg};
 use crate::cluster::Cluster;
 use crate::interrupt::check_interrupted;
 use crate::loadgen::{self, LoadResult, LoadSpec, Mode};
@@ -56,7 +56,10 @@ impl Cluster {
         let targets = self.targets_of(path)?;
         let description = match path {
             "instance" => "client -> nodeIP:nodePort -> kube-proxy rules (DNAT, SNAT) -> pod; ui-nlb opted out of lbx",
-            "xdp" => "client -> nodeIP:nodePort -> lbx XDP DNAT -> pod (SNAT + forward for a pod on another node)",
+            "xdp" => match self.args.remote_mode {
+                RemoteModeArg::Tunnel => "client -> nodeIP:nodePort -> lbx XDP DNAT -> pod (IP-in-IP to the pod's node for a pod on another node)",
+                RemoteModeArg::Snat => "client -> nodeIP:nodePort -> lbx XDP DNAT -> pod (SNAT + forward for a pod on another node)",
+            },
             _ => "client -> podIP:8080 (routed via the pod's node)",
         };
         let mut r = PathResult {

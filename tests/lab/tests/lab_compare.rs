@@ -142,21 +142,20 @@ fn compare_measures_three_paths_and_tears_everything_down() {
         &report.paths["xdp"],
         &report.paths["ip"],
     );
-    // Client addresses: ip mode always keeps it; xdp keeps it for local delivery and shows
-    // the node's SNAT address for the others; instance (kube-proxy masquerades NodePort
-    // traffic with externalTrafficPolicy Cluster) never keeps it: pods see node addresses.
+    // Client addresses: ip mode always keeps it, and so does xdp (the agents' default
+    // `--remote-mode tunnel`: a pod on the other node is reached through IP-in-IP with the
+    // client's address, never SNAT); instance (kube-proxy masquerades NodePort traffic with
+    // externalTrafficPolicy Cluster) never keeps it: pods see node addresses.
     assert!(ip.client_ip_preserved);
     assert_eq!(ip.client_ips_seen.keys().collect::<Vec<_>>(), [IP_SOURCE]);
     assert!(xdp.client_ip_preserved, "{:?}", xdp.client_ips_seen);
-    assert!(xdp.client_ips_seen.contains_key(XDP_SOURCE));
-    let snat: BTreeSet<&str> = [XDP_SOURCE, "10.77.0.150", "10.77.0.151"].into();
-    assert!(
-        xdp.client_ips_seen
-            .keys()
-            .all(|k| snat.contains(k.as_str())),
+    assert_eq!(
+        xdp.client_ips_seen.keys().collect::<Vec<_>>(),
+        [XDP_SOURCE],
         "xdp: pods saw {:?}",
         xdp.client_ips_seen
     );
+    assert_eq!(xdp.client_ip_seen_fraction, 1.0);
     assert!(!instance.client_ip_preserved);
     assert_eq!(instance.client_ip_seen_fraction, 0.0);
     // MASQUERADE takes the address of the interface the packet leaves by: the node's
@@ -188,13 +187,32 @@ fn compare_measures_three_paths_and_tears_everything_down() {
     );
     assert!(instance.nf_rule_hits_per_req > 0.0 && instance.nf_rules_installed > 0);
     // Which verdicts lbx gave: forwarding on the xdp path, none on the instance path.
-    // Remote deliveries were taken straight into the pod on the owning node, and the
-    // replies straight back (the probe above counted their legs too: from and to the
-    // agents' SNAT addresses).
-    for reason in ["fwd_local", "fwd_remote", "fwd_peer", "reply_peer"] {
+    // Remote deliveries were tunnelled to the owning node, taken straight into the pod
+    // there, and the replies tunnelled back and reverse-NATed (the probe above would have
+    // counted any leg that met netfilter); nothing was SNATed.
+    for reason in [
+        "fwd_local",
+        "fwd_tunnel",
+        "tunnel_in",
+        "tunnel_reply",
+        "rev_nat_tunnel",
+    ] {
         assert!(
             xdp.xdp_reasons.get(reason).copied().unwrap_or(0) > 0,
             "xdp counted no {reason}: {:?}",
+            xdp.xdp_reasons
+        );
+    }
+    for reason in [
+        "fwd_remote",
+        "fwd_peer",
+        "pass_tunnel_peer",
+        "pass_tunnel_inner",
+    ] {
+        assert_eq!(
+            xdp.xdp_reasons.get(reason).copied().unwrap_or(0),
+            0,
+            "xdp counted {reason}: {:?}",
             xdp.xdp_reasons
         );
     }

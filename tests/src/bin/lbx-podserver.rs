@@ -3,6 +3,9 @@
 //! they arrived with). That is how tests and the benchmark tell which backend served a flow,
 //! whether the client IP survived, and how many hops a path took.
 //!
+//! `/bytes/N` (any method) appends N filler bytes to the answer, and a request may carry a
+//! body (Content-Length): bulk transfers both ways for MTU and segmentation checks.
+//!
 //! Usage: lbx-podserver --name POD [--tcp PORT] [--udp PORT]
 //! Prints `lbx-podserver ready name=POD tcp=PORT udp=PORT` once both sockets listen.
 //! std only (a thread per connection): it must start fast and stay out of the measurements.
@@ -122,8 +125,14 @@ fn body(name: &str, peer: SocketAddr, ttl: Option<i32>) -> String {
 enum Request {
     /// Not complete yet: read more.
     Partial,
-    /// An HTTP request ending at byte `end` (headers plus Content-Length body).
-    Http { end: usize, close: bool, head: bool },
+    /// An HTTP request ending at byte `end` (headers plus Content-Length body); `fill`
+    /// filler bytes follow the body line of the answer (`/bytes/N`).
+    Http {
+        end: usize,
+        close: bool,
+        head: bool,
+        fill: usize,
+    },
     /// Not HTTP: every read is one request.
     Raw,
 }
@@ -169,23 +178,51 @@ fn classify(buf: &[u8]) -> Request {
         end,
         close: conn_close,
         head: request_line.starts_with("HEAD "),
+        fill: fill_of(request_line),
     }
+}
+
+/// The most filler one answer carries.
+const MAX_FILL: usize = 64 << 20;
+
+/// `N` of a `/bytes/N` request target (capped at [`MAX_FILL`]), else 0.
+fn fill_of(request_line: &str) -> usize {
+    request_line
+        .split(' ')
+        .nth(1)
+        .and_then(|target| target.strip_prefix("/bytes/"))
+        .and_then(|n| n.parse::<usize>().ok())
+        .map_or(0, |n| n.min(MAX_FILL))
+}
+
+/// Filler byte `i` of an answer: a pattern the client checks (`lb_tests::scenario::filler`
+/// is the same; std only here).
+fn filler(i: usize) -> u8 {
+    (i % 251) as u8
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn respond(stream: &mut TcpStream, body: &str, close: bool, head: bool) -> io::Result<()> {
+fn respond(
+    stream: &mut TcpStream,
+    body: &str,
+    close: bool,
+    head: bool,
+    fill: usize,
+) -> io::Result<()> {
     let conn = if close { "close" } else { "keep-alive" };
     let mut msg = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {conn}\r\n\r\n",
-        body.len()
-    );
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: {conn}\r\n\r\n",
+        body.len() + fill
+    )
+    .into_bytes();
     if !head {
-        msg.push_str(body);
+        msg.extend_from_slice(body.as_bytes());
+        msg.extend((0..fill).map(filler));
     }
-    stream.write_all(msg.as_bytes())
+    stream.write_all(&msg)
 }
 
 fn serve_tcp(mut stream: TcpStream, name: &str) -> io::Result<()> {
@@ -199,7 +236,7 @@ fn serve_tcp(mut stream: TcpStream, name: &str) -> io::Result<()> {
         if n == 0 {
             // EOF ends an unterminated request: answer it, then close.
             if !buf.is_empty() {
-                respond(&mut stream, &body, true, false)?;
+                respond(&mut stream, &body, true, false, 0)?;
             }
             return Ok(());
         }
@@ -209,12 +246,17 @@ fn serve_tcp(mut stream: TcpStream, name: &str) -> io::Result<()> {
                 Request::Partial if buf.len() > MAX_REQUEST => return Ok(()),
                 Request::Partial => break,
                 Request::Raw => {
-                    respond(&mut stream, &body, false, false)?;
+                    respond(&mut stream, &body, false, false, 0)?;
                     buf.clear();
                     break;
                 }
-                Request::Http { end, close, head } => {
-                    respond(&mut stream, &body, close, head)?;
+                Request::Http {
+                    end,
+                    close,
+                    head,
+                    fill,
+                } => {
+                    respond(&mut stream, &body, close, head, fill)?;
                     if close {
                         return Ok(());
                     }
@@ -319,7 +361,8 @@ mod tests {
             Request::Http {
                 end: get.len(),
                 close: false,
-                head: false
+                head: false,
+                fill: 0,
             }
         );
         let close = b"GET / HTTP/1.1\r\nConnection: close\r\n\r\nGET";
@@ -328,13 +371,21 @@ mod tests {
             Request::Http {
                 end: close.len() - 3,
                 close: true,
-                head: false
+                head: false,
+                fill: 0,
             }
         );
         assert!(matches!(
             classify(b"GET / HTTP/1.0\r\n\r\n"),
             Request::Http { close: true, .. }
         ));
+        let bytes = b"POST /bytes/1048576 HTTP/1.1\r\nContent-Length: 1\r\n\r\nx";
+        assert!(matches!(
+            classify(bytes),
+            Request::Http { fill: 1048576, end, .. } if end == bytes.len()
+        ));
+        assert_eq!(fill_of("GET /bytes/999999999999 HTTP/1.1"), MAX_FILL);
+        assert_eq!(fill_of("GET /bytes/x HTTP/1.1"), 0);
         let post = b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nab";
         assert_eq!(classify(post), Request::Partial);
         let post = b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc";
