@@ -16,8 +16,8 @@ use lb_common::{
     hash::{client_hash, flow_hash},
     port_be, port_host, AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, FlowKey,
     Frontend, FrontendKey, LocalEndpoint, PeerNode, Reason, RevNatEntry, BE_ACTIVE, BE_LOCAL,
-    BE_TERMINATING, BE_TUNNEL, CFG_PEERS, CT_CLOSING, CT_SNAT, CT_TUNNEL, FE_AFFINITY, PEER_SNAT, PROTO_TCP, PROTO_UDP,
-    REV_CLOSING, REV_SNAT, SNAT_TIME_WAIT_S, UDP_IDLE_S,
+    BE_TERMINATING, BE_TUNNEL, CFG_PEERS, CT_CLOSING, CT_SNAT, CT_TUNNEL, FE_AFFINITY, PEER_SNAT,
+    PROTO_TCP, PROTO_UDP, REV_CLOSING, REV_SNAT, SNAT_TIME_WAIT_S, UDP_IDLE_S,
 };
 
 use crate::{

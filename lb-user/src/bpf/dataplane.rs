@@ -172,8 +172,7 @@ pub struct Dataplane {
     /// `Config::frontend_epoch` as last written (see [`Dataplane::bump_frontend_epoch`]).
     frontend_epoch: u32,
     local: LocalEndpoints,
-    /// The keys of PEERS (peer nodes' SNAT addresses, wire order).
-    /// PEERS keys and their roles (`PEER_SNAT`, `PEER_TUNNEL`), as last written.
+    /// PEERS keys (other nodes' addresses, wire order) and their roles (`PEER_SNAT`, `PEER_TUNNEL`), as last written.
     peers: BTreeMap<u32, u8>,
 }
 
@@ -390,8 +389,10 @@ impl Dataplane {
         Ok(self.maps.entries::<LOCAL_ENDPOINTS>()?)
     }
 
-    /// Sets the other nodes' SNAT addresses (PEERS keys). Entries that stay keep what the
-    /// program learned about them; `Config::flags` gets `CFG_PEERS` while there are any.
+    /// Sets the other nodes' addresses (PEERS keys) with their roles (`PEER_SNAT`: a peer's
+    /// SNAT address, its requests take the peer path; `PEER_TUNNEL`: a peer's tunnel address,
+    /// its encapsulated packets are taken). Entries that stay keep what the program learned
+    /// about them; `Config::flags` gets `CFG_PEERS` while there are any.
     pub fn set_peers(&mut self, peers: &[(std::net::Ipv4Addr, u8)]) -> Result<(), DataplaneError> {
         let want: BTreeMap<u32, u8> = peers
             .iter()
