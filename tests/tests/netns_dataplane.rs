@@ -147,12 +147,26 @@ fn nodeport_tcp_udp_and_lb_ip_reach_pods_on_both_nodes() {
     }
     let node0 = lab.node_addr(0);
     let before = counters(&lab, 0);
+    // A node's conntrack holds one flow per client (address, port, protocol): a UDP query
+    // from a port that queried another frontend of this node less than 30 s ago is passed
+    // to the kernel (`pass_flow_collision`), where kube-proxy would carry it and this lab
+    // has none. The NodePort and the LoadBalancer IP queries get disjoint source ports, so
+    // this test is about reaching each frontend (the collision has its own fixture rows).
+    let client_ports = |range: &str| {
+        lb_tests::netns::sysctls(
+            lab.topology().client_ns(),
+            &[("net/ipv4/ip_local_port_range", range)],
+        )
+        .unwrap_or_else(|e| panic!("client ip_local_port_range {range}: {e}"))
+    };
+    client_ports("32768 45999");
 
     let tcp = tcp_flows(&lab, node0, TCP_NODE_PORT, FLOWS);
     assert_spread("TCP via n0 NodePort", &lab, &tcp);
     let udp = udp_flows(&lab, node0, UDP_NODE_PORT, FLOWS);
     assert_spread("UDP via n0 NodePort", &lab, &udp);
 
+    client_ports("46000 60999");
     let lb_tcp = tcp_flows(&lab, LB_INGRESS_IP, TCP_SERVICE_PORT, FLOWS / 2);
     assert_spread("TCP via the LoadBalancer IP", &lab, &lb_tcp);
     let lb_udp = udp_flows(&lab, LB_INGRESS_IP, UDP_SERVICE_PORT, FLOWS / 2);
