@@ -783,6 +783,20 @@ pub struct Answer {
     pub ttl: Option<u8>,
 }
 
+/// How much counter `reason` grew between two [`Lab::counters`] readings. Panics naming the
+/// counter when a reading lacks it.
+pub fn counter_delta(
+    after: &BTreeMap<String, u64>,
+    before: &BTreeMap<String, u64>,
+    reason: &str,
+) -> u64 {
+    let get = |m: &BTreeMap<String, u64>| {
+        *m.get(reason)
+            .unwrap_or_else(|| panic!("lb-user counters has no {reason:?}: {m:?}"))
+    };
+    get(after) - get(before)
+}
+
 /// Filler byte `i` of a bulk exchange ([`HttpConn::exchange`]), both ways: the pod server
 /// (std only) has the same function.
 pub fn filler(i: usize) -> u8 {
@@ -1730,6 +1744,21 @@ impl Lab {
             detail,
             output: v.to_string(),
         })
+    }
+
+    /// Every node's non-zero counters, or why they could not be read: what a failed
+    /// request's message adds, saying what the data plane did with the traffic.
+    pub fn nonzero_counters(&self) -> String {
+        (0..self.node_count())
+            .map(|n| match self.counters(n) {
+                Ok(c) => {
+                    let nonzero: BTreeMap<_, _> = c.into_iter().filter(|(_, v)| *v > 0).collect();
+                    format!("n{n}: {nonzero:?}")
+                }
+                Err(e) => format!("n{n}: {e}"),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     /// Node `node`'s frontends and their backends (`lb-user targets`), as the CLI prints it.

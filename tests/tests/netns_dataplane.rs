@@ -11,8 +11,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use lb_tests::scenario::{
-    Answer, EndpointSpec, HttpConn, Lab, LabSpec, PodId, ScenarioError, LB_INGRESS_IP, NFT_HOOKS,
-    TCP_NODE_PORT, TCP_SERVICE_PORT, TCP_TARGET_PORT, UDP_NODE_PORT, UDP_SERVICE_PORT,
+    counter_delta, Answer, EndpointSpec, HttpConn, Lab, LabSpec, PodId, ScenarioError,
+    LB_INGRESS_IP, NFT_HOOKS, TCP_NODE_PORT, TCP_SERVICE_PORT, TCP_TARGET_PORT, UDP_NODE_PORT,
+    UDP_SERVICE_PORT,
 };
 
 /// Connections per check: with 4 equal backends, 200 flows leave a pod out with probability
@@ -32,18 +33,7 @@ fn ok<T>(what: impl std::fmt::Display, r: Result<T, ScenarioError>) -> T {
 /// Like [`ok`], adding the agents' counters to the panic: they say what the data plane
 /// did with the traffic that failed.
 fn with_counters<T>(lab: &Lab, what: impl std::fmt::Display, r: Result<T, ScenarioError>) -> T {
-    r.unwrap_or_else(|e| {
-        let counters: Vec<String> = (0..lab.node_count())
-            .map(|n| match lab.counters(n) {
-                Ok(c) => {
-                    let nonzero: BTreeMap<_, _> = c.into_iter().filter(|(_, v)| *v > 0).collect();
-                    format!("n{n}: {nonzero:?}")
-                }
-                Err(e) => format!("n{n}: {e}"),
-            })
-            .collect();
-        panic!("{what}: {e}\ncounters: {}", counters.join("; "))
-    })
+    r.unwrap_or_else(|e| panic!("{what}: {e}\ncounters: {}", lab.nonzero_counters()))
 }
 
 /// `n` new TCP connections (one request each) to `addr:port`, every one from a new source
@@ -115,14 +105,6 @@ fn counters(lab: &Lab, node: usize) -> BTreeMap<String, u64> {
     ok(format!("lb-user counters of n{node}"), lab.counters(node))
 }
 
-fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>, reason: &str) -> u64 {
-    let get = |m: &BTreeMap<String, u64>| {
-        *m.get(reason)
-            .unwrap_or_else(|| panic!("lb-user counters has no {reason:?}: {m:?}"))
-    };
-    get(after) - get(before)
-}
-
 /// Counters that must never move: a program error or a failed redirect is a bug.
 fn assert_no_errors(lab: &Lab, node: usize) {
     let c = counters(lab, node);
@@ -181,7 +163,7 @@ fn nodeport_tcp_udp_and_lb_ip_reach_pods_on_both_nodes() {
     let after = counters(&lab, 0);
     for reason in ["fwd_local", "fwd_remote", "rev_nat_local", "rev_nat_remote"] {
         assert!(
-            delta(&after, &before, reason) > 0,
+            counter_delta(&after, &before, reason) > 0,
             "n0 counted no {reason}: before {before:?}, after {after:?}"
         );
     }
@@ -309,8 +291,8 @@ fn accelerated_flows_bypass_netfilter_on_the_node() {
     let remote_udp = udp.iter().filter(|a| a.pod.node == 1).count() as u64;
     let remote_tcp = remote - remote_udp;
     let after1 = counters(&lab, 1);
-    let fwd_peer = delta(&after1, &before1, "fwd_peer");
-    let reply_peer = delta(&after1, &before1, "reply_peer");
+    let fwd_peer = counter_delta(&after1, &before1, "fwd_peer");
+    let reply_peer = counter_delta(&after1, &before1, "reply_peer");
     eprintln!(
         "{remote_tcp} remote TCP + {remote_udp} remote UDP flows: n1 fwd_peer +{fwd_peer}, reply_peer +{reply_peer}"
     );
@@ -327,8 +309,8 @@ fn accelerated_flows_bypass_netfilter_on_the_node() {
     let after = counters(&lab, 0);
     // A TCP flow sends at least SYN, ACK and the request to the pod and gets at least
     // SYN-ACK and the response back; a UDP query is one datagram each way.
-    let fwd = delta(&after, &before, "fwd_local");
-    let rev = delta(&after, &before, "rev_nat_local");
+    let fwd = counter_delta(&after, &before, "fwd_local");
+    let rev = counter_delta(&after, &before, "rev_nat_local");
     eprintln!(
         "{local_tcp} local TCP + {local_udp} local UDP flows: fwd_local +{fwd}, rev_nat_local +{rev}"
     );
@@ -584,7 +566,8 @@ fn connections_the_kernel_carries_stay_with_it_when_lbx_takes_over() {
         );
     }
     let after = counters(&lab, 0);
-    let xdp = delta(&after, &before, "fwd_local") + delta(&after, &before, "fwd_remote");
+    let xdp =
+        counter_delta(&after, &before, "fwd_local") + counter_delta(&after, &before, "fwd_remote");
     assert!(
         xdp >= 3 * 20,
         "20 new connections, {xdp} packets through XDP"
@@ -598,7 +581,7 @@ fn connections_the_kernel_carries_stay_with_it_when_lbx_takes_over() {
         );
     }
     let after = counters(&lab, 0);
-    let mid = delta(&after, &before, "pass_mid_stream");
+    let mid = counter_delta(&after, &before, "pass_mid_stream");
     assert!(mid >= 5, "pass_mid_stream grew by {mid}: {after:?}");
     assert_no_errors(&lab, 0);
 }
@@ -700,9 +683,9 @@ fn snat_exhausted_connections_go_through_the_kernel() {
         }
     }
     let after = counters(&lab, 0);
-    let exhausted = delta(&after, &before, "pass_snat_exhausted");
+    let exhausted = counter_delta(&after, &before, "pass_snat_exhausted");
     assert_eq!(exhausted, 3, "one passed SYN per connection: {after:?}");
-    let mid = delta(&after, &before, "pass_mid_stream");
+    let mid = counter_delta(&after, &before, "pass_mid_stream");
     assert!(
         mid >= 3 * 4,
         "the connections' later packets: pass_mid_stream grew by {mid}: {after:?}"

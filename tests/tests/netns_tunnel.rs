@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use lb_tests::scenario::{
-    Answer, Lab, LabSpec, ScenarioError, NFT_HOOKS, TCP_NODE_PORT, TCP_TARGET_PORT, UDP_NODE_PORT,
+    counter_delta, Answer, Lab, LabSpec, ScenarioError, NFT_HOOKS, TCP_NODE_PORT, TCP_TARGET_PORT,
+    UDP_NODE_PORT,
 };
 
 /// New flows per protocol and entry node: enough that both nodes' pods get many.
@@ -36,26 +37,7 @@ fn counters(lab: &Lab, node: usize) -> BTreeMap<String, u64> {
 
 /// Like [`ok`], adding the nodes' non-zero counters to the panic.
 fn with_counters<T>(lab: &Lab, what: impl std::fmt::Display, r: Result<T, ScenarioError>) -> T {
-    r.unwrap_or_else(|e| {
-        let all: Vec<String> = (0..lab.node_count())
-            .map(|n| {
-                let nonzero: BTreeMap<_, _> = counters(lab, n)
-                    .into_iter()
-                    .filter(|(_, v)| *v > 0)
-                    .collect();
-                format!("n{n}: {nonzero:?}")
-            })
-            .collect();
-        panic!("{what}: {e}\ncounters: {}", all.join("; "))
-    })
-}
-
-fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>, reason: &str) -> u64 {
-    let get = |m: &BTreeMap<String, u64>| {
-        *m.get(reason)
-            .unwrap_or_else(|| panic!("lb-user counters has no {reason:?}: {m:?}"))
-    };
-    get(after) - get(before)
+    r.unwrap_or_else(|e| panic!("{what}: {e}\ncounters: {}", lab.nonzero_counters()))
 }
 
 /// Counters that must not move on this path: errors, and the ways a tunnelled packet or a
@@ -148,32 +130,18 @@ fn pods_on_the_other_node_see_the_client_through_the_tunnel_and_netfilter_sees_n
         let (after, after_other) = (counters(&lab, entry), counters(&lab, other));
         let requests = 3 * remote_tcp + remote_udp;
         let replies = 2 * remote_tcp + remote_udp;
-        for (counter, on, grew, least) in [
-            (
-                "fwd_tunnel",
-                entry,
-                delta(&after, &before, "fwd_tunnel"),
-                requests,
-            ),
-            (
-                "rev_nat_tunnel",
-                entry,
-                delta(&after, &before, "rev_nat_tunnel"),
-                replies,
-            ),
-            (
-                "tunnel_in",
-                other,
-                delta(&after_other, &before_other, "tunnel_in"),
-                requests,
-            ),
-            (
-                "tunnel_reply",
-                other,
-                delta(&after_other, &before_other, "tunnel_reply"),
-                replies,
-            ),
+        for (counter, on, least) in [
+            ("fwd_tunnel", entry, requests),
+            ("rev_nat_tunnel", entry, replies),
+            ("tunnel_in", other, requests),
+            ("tunnel_reply", other, replies),
         ] {
+            let (now, then) = if on == entry {
+                (&after, &before)
+            } else {
+                (&after_other, &before_other)
+            };
+            let grew = counter_delta(now, then, counter);
             eprintln!("  n{on} {counter} +{grew} (at least {least})");
             assert!(
                 grew >= least,
@@ -182,11 +150,11 @@ fn pods_on_the_other_node_see_the_client_through_the_tunnel_and_netfilter_sees_n
         }
         // Nothing went the SNAT way.
         assert_eq!(
-            delta(&after, &before, "fwd_remote"),
+            counter_delta(&after, &before, "fwd_remote"),
             0,
             "n{entry} SNATed flows"
         );
-        assert_eq!(delta(&after_other, &before_other, "fwd_peer"), 0);
+        assert_eq!(counter_delta(&after_other, &before_other, "fwd_peer"), 0);
     }
     for (n, probe) in probes.iter().enumerate() {
         assert_eq!(
@@ -229,11 +197,11 @@ fn bulk_transfers_cross_the_tunnel_both_ways_at_full_size() {
     }
     let after = (counters(&lab, 0), counters(&lab, 1));
     // 3 * 512 KiB up in segments of at most 1440 bytes: at least 1092 encapsulated requests.
-    let up = delta(&after.0, &before.0, "fwd_tunnel");
-    let taken_in = delta(&after.1, &before.1, "tunnel_in");
+    let up = counter_delta(&after.0, &before.0, "fwd_tunnel");
+    let taken_in = counter_delta(&after.1, &before.1, "tunnel_in");
     let (back, reversed) = (
-        delta(&after.1, &before.1, "tunnel_reply"),
-        delta(&after.0, &before.0, "rev_nat_tunnel"),
+        counter_delta(&after.1, &before.1, "tunnel_reply"),
+        counter_delta(&after.0, &before.0, "rev_nat_tunnel"),
     );
     eprintln!(
         "n0 fwd_tunnel +{up}, n1 tunnel_in +{taken_in}, n1 tunnel_reply +{back}, n0 rev_nat_tunnel +{reversed}"
