@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_tests::kubeproxy::{IptablesBackend, ProxyMode};
+use lb_user::node::options::RemoteMode;
 
 #[derive(Parser)]
 #[command(about = "instance mode (kube-proxy) vs the lbx XDP path vs ip mode, side by side")]
@@ -57,24 +58,8 @@ pub struct LabArgs {
     /// The agents' `--remote-mode`: how the XDP path delivers a flow whose pod is on another
     /// node. `tunnel` (IP-in-IP to the pod's node; the pod sees the client) or `snat` (SNAT
     /// to the agent's address and forward; the pod sees that address).
-    #[arg(long, value_enum, default_value_t = RemoteModeArg::Tunnel)]
-    pub remote_mode: RemoteModeArg,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum RemoteModeArg {
-    Tunnel,
-    Snat,
-}
-
-impl RemoteModeArg {
-    /// The agent's value for `--remote-mode`.
-    pub fn as_arg(self) -> &'static str {
-        match self {
-            RemoteModeArg::Tunnel => "tunnel",
-            RemoteModeArg::Snat => "snat",
-        }
-    }
+    #[arg(long, value_enum, default_value_t = RemoteMode::Tunnel)]
+    pub remote_mode: RemoteMode,
 }
 
 #[derive(Args, Clone, Debug)]

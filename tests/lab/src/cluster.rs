@@ -9,6 +9,7 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use clap::ValueEnum;
 use lb_tests::controlplane::SERVICE_CIDR;
 use lb_tests::kubeproxy::{KubeProxy, KubeProxySpec};
 use lb_tests::netns;
@@ -77,7 +78,11 @@ impl Cluster {
                 "--snat-ports".into(),
                 args.snat_ports.clone(),
                 "--remote-mode".into(),
-                args.remote_mode.as_arg().into(),
+                args.remote_mode
+                    .to_possible_value()
+                    .expect("every RemoteMode has a value")
+                    .get_name()
+                    .to_string(),
             ],
             ..LabSpec::default()
         };

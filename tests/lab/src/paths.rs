@@ -7,13 +7,14 @@ use std::time::Duration;
 use anyhow::Result;
 use lb_tests::scenario::{self, NftProbe, PodId, TCP_NODE_PORT, TCP_TARGET_PORT};
 
-use crate::cli::{CompareArgs, RemoteModeArg};
+use crate::cli::CompareArgs;
 use crate::cluster::Cluster;
 use crate::interrupt::check_interrupted;
 use crate::loadgen::{self, LoadResult, LoadSpec, Mode};
 use crate::machine::{cpu_busy_s, wait_quiet};
 use crate::progress::Progress;
 use crate::report::PathResult;
+use lb_user::node::options::RemoteMode;
 
 /// Each path's load comes from its own client address (added to the client namespace), so
 /// no TCP tuple is shared between paths: a port reused across paths within seconds would
@@ -57,8 +58,8 @@ impl Cluster {
         let description = match path {
             "instance" => "client -> nodeIP:nodePort -> kube-proxy rules (DNAT, SNAT) -> pod; ui-nlb opted out of lbx",
             "xdp" => match self.args.remote_mode {
-                RemoteModeArg::Tunnel => "client -> nodeIP:nodePort -> lbx XDP DNAT -> pod (IP-in-IP to the pod's node for a pod on another node)",
-                RemoteModeArg::Snat => "client -> nodeIP:nodePort -> lbx XDP DNAT -> pod (SNAT + forward for a pod on another node)",
+                RemoteMode::Tunnel => "client -> nodeIP:nodePort -> lbx XDP DNAT -> pod (IP-in-IP to the pod's node for a pod on another node)",
+                RemoteMode::Snat => "client -> nodeIP:nodePort -> lbx XDP DNAT -> pod (SNAT + forward for a pod on another node)",
             },
             _ => "client -> podIP:8080 (routed via the pod's node)",
         };
