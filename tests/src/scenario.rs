@@ -6,6 +6,8 @@
 //! The Service (`demo/echo`, type LoadBalancer, externalTrafficPolicy Cluster):
 //! - port `http` TCP 80 -> targetPort 8080, nodePort 30080;
 //! - port `dns`  UDP 53 -> targetPort 5353, nodePort 30053;
+//! - with [`LabSpec::closed_udp_port`], port `closed` UDP 54 -> targetPort 5354, nodePort
+//!   30054, where no pod listens (ICMP port unreachable);
 //! - LoadBalancer ingress IP 10.77.100.1, which the client routes to node 0 (the "NLB").
 //!
 //! Processes are started by PID and stopped by PID; everything the scenario creates
@@ -41,6 +43,11 @@ pub const TCP_TARGET_PORT: u16 = 8080;
 pub const UDP_SERVICE_PORT: u16 = 53;
 pub const UDP_NODE_PORT: u16 = 30053;
 pub const UDP_TARGET_PORT: u16 = 5353;
+/// Service port, nodePort and targetPort of the UDP port no pod listens on
+/// ([`LabSpec::closed_udp_port`]).
+pub const CLOSED_UDP_SERVICE_PORT: u16 = 54;
+pub const CLOSED_UDP_NODE_PORT: u16 = 30054;
+pub const CLOSED_UDP_TARGET_PORT: u16 = 5354;
 /// The Service's LoadBalancer ingress IP; the client routes it to node 0.
 pub const LB_INGRESS_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 1);
 /// The node whose address the client uses for the LoadBalancer IP.
@@ -149,6 +156,12 @@ pub enum ScenarioError {
         waited: Duration,
         detail: String,
     },
+    #[error("reading the CONFIG pinned by node {node}'s agent in {pin_dir:?}: {detail}")]
+    AgentConfig {
+        node: usize,
+        pin_dir: PathBuf,
+        detail: String,
+    },
     #[error("teardown left problems: {}", problems.join("; "))]
     Teardown { problems: Vec<String> },
 }
@@ -246,6 +259,36 @@ impl EndpointSpec {
 /// The manifest every agent reads: the Service and one EndpointSlice holding `endpoints`.
 /// Both nodes get the same file (only `--node-name` differs), as from one API server.
 pub fn manifest(endpoints: &[EndpointSpec], pod_addr: impl Fn(PodId) -> Ipv4Addr) -> String {
+    manifest_with(endpoints, pod_addr, false)
+}
+
+/// [`manifest`], with the Service's `closed` UDP port too when `closed_udp_port`
+/// ([`LabSpec::closed_udp_port`]).
+pub fn manifest_with(
+    endpoints: &[EndpointSpec],
+    pod_addr: impl Fn(PodId) -> Ipv4Addr,
+    closed_udp_port: bool,
+) -> String {
+    let (closed_service_port, closed_slice_port) = if closed_udp_port {
+        (
+            format!(
+                "  - name: closed
+    protocol: UDP
+    port: {CLOSED_UDP_SERVICE_PORT}
+    targetPort: {CLOSED_UDP_TARGET_PORT}
+    nodePort: {CLOSED_UDP_NODE_PORT}
+"
+            ),
+            format!(
+                "- name: closed
+  protocol: UDP
+  port: {CLOSED_UDP_TARGET_PORT}
+"
+            ),
+        )
+    } else {
+        Default::default()
+    };
     let mut y = format!(
         "# Written by lb-tests' scenario: what `kubectl get svc,endpointslices -o yaml` shows.
 apiVersion: v1
@@ -272,7 +315,7 @@ spec:
     port: {UDP_SERVICE_PORT}
     targetPort: {UDP_TARGET_PORT}
     nodePort: {UDP_NODE_PORT}
-status:
+{closed_service_port}status:
   loadBalancer:
     ingress:
     - ip: {LB_INGRESS_IP}
@@ -293,7 +336,7 @@ ports:
 - name: dns
   protocol: UDP
   port: {UDP_TARGET_PORT}
-"
+{closed_slice_port}"
     );
     if endpoints.is_empty() {
         y.push_str("endpoints: []\n");
@@ -370,6 +413,15 @@ pub struct LabSpec {
     /// their nodes and the pods see the client's address (`--remote-mode tunnel`). Without
     /// them an agent knows no other node and SNATs those requests (the PEERS path).
     pub node_objects: bool,
+    /// The MTU of the lab subnet, the network between the nodes (and the client's link to
+    /// them: one L2 segment has one MTU), set before the agents start, so their tunnel MTU
+    /// (read from `eth0`) follows ([`Topology::set_lan_mtu`]). The pods' veths keep 1500.
+    /// None: the kernel's default, 1500.
+    pub lan_mtu: Option<u32>,
+    /// Give the Service its `closed` UDP port ([`CLOSED_UDP_NODE_PORT`] ->
+    /// [`CLOSED_UDP_TARGET_PORT`]), which no pod server listens on: every datagram to it
+    /// makes the pod's kernel send an ICMP port unreachable.
+    pub closed_udp_port: bool,
 }
 
 /// The dedicated SNAT address of node `i` ([`LabSpec::dedicated_snat`]): 10.77.0.(150+i).
@@ -389,6 +441,8 @@ impl Default for LabSpec {
             agent_args: Vec::new(),
             dedicated_snat: false,
             node_objects: false,
+            lan_mtu: None,
+            closed_udp_port: false,
         }
     }
 }
@@ -783,6 +837,26 @@ pub struct Answer {
     pub ttl: Option<u8>,
 }
 
+/// What a connected UDP socket of the client learnt from an ICMP error about its datagram
+/// ([`Lab::udp_icmp_error`], read with IP_RECVERR). The kernel hands an error to the socket
+/// whose datagram the error quotes (source and destination address and port), so a
+/// report at all means the quote named the socket's own datagram.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IcmpReport {
+    /// The error the socket reported (`ConnectionRefused` for a port unreachable).
+    pub error: io::ErrorKind,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// Who sent the ICMP error (its outer source address).
+    pub offender: Ipv4Addr,
+    /// The destination of the datagram the error quotes.
+    pub quoted_dst: SocketAddrV4,
+    /// The quoted datagram's payload, as far as the error carries it.
+    pub quoted_payload: Vec<u8>,
+    /// The client socket's own address.
+    pub local: SocketAddrV4,
+}
+
 /// How much counter `reason` grew between two [`Lab::counters`] readings. Panics naming the
 /// counter when a reading lacks it.
 pub fn counter_delta(
@@ -826,6 +900,99 @@ fn parse_body(body: &str) -> Result<(PodId, SocketAddrV4, Option<u8>), String> {
         client.ok_or("no client= field")?,
         ttl,
     ))
+}
+
+fn set_int_opt(sock: &UdpSocket, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: a valid fd and a c_int option value of the size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            &value as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn sockaddr_v4(sa: &libc::sockaddr_in) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+        u16::from_be(sa.sin_port),
+    )
+}
+
+/// The first ICMP error in `sock`'s error queue (IP_RECVERR), without waiting, for the
+/// socket at `local` that failed with `error`. None: the queue holds no ICMP error.
+fn recv_icmp_error(
+    sock: &UdpSocket,
+    error: io::ErrorKind,
+    local: SocketAddrV4,
+) -> io::Result<Option<IcmpReport>> {
+    let mut payload = vec![0u8; 2048];
+    // SAFETY: all-zero is valid for these plain C structs.
+    let mut name: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut control = [0u64; 64]; // u64 for cmsghdr alignment
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr() as *mut libc::c_void,
+        iov_len: payload.len(),
+    };
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = &mut name as *mut _ as *mut libc::c_void;
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: msg points at live buffers of the sizes recorded in it.
+    let n = unsafe {
+        libc::recvmsg(
+            sock.as_raw_fd(),
+            &mut msg,
+            libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::WouldBlock => Ok(None),
+            _ => Err(e),
+        };
+    }
+    payload.truncate(n as usize);
+    // SAFETY: walking the control buffer the kernel just filled, with the libc macros; the
+    // IP_RECVERR payload is a sock_extended_err followed by the offender's sockaddr_in.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_RECVERR {
+                let ee_ptr = libc::CMSG_DATA(cmsg) as *const libc::sock_extended_err;
+                let ee = std::ptr::read_unaligned(ee_ptr);
+                if ee.ee_origin != libc::SO_EE_ORIGIN_ICMP {
+                    return Ok(None);
+                }
+                let offender = std::ptr::read_unaligned(
+                    libc::SO_EE_OFFENDER(ee_ptr) as *const libc::sockaddr_in
+                );
+                return Ok(Some(IcmpReport {
+                    error,
+                    icmp_type: ee.ee_type,
+                    icmp_code: ee.ee_code,
+                    offender: *sockaddr_v4(&offender).ip(),
+                    quoted_dst: sockaddr_v4(&name),
+                    quoted_payload: payload,
+                    local,
+                }));
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(None)
 }
 
 fn v4(addr: SocketAddr) -> SocketAddrV4 {
@@ -954,48 +1121,88 @@ impl HttpConn {
 /// touches the namespace's IP stack counts. Accelerated flows must leave it at zero. The
 /// sources may include the agents' SNAT addresses, so the legs a node forwarded to another
 /// node count on the owning node too.
+///
+/// [`NftProbe::install_icmp`] is the same probe for ICMP to and from the client (errors
+/// about its flows), in a table of its own.
 #[derive(Debug)]
 pub struct NftProbe {
     ns: String,
+    table: &'static str,
 }
 
 /// The netfilter hooks the probe counts on, in packet-path order.
 pub const NFT_HOOKS: [&str; 5] = ["prerouting", "input", "forward", "output", "postrouting"];
 const NFT_TABLE: &str = "lbx_bypass_probe";
+const NFT_ICMP_TABLE: &str = "lbx_bypass_icmp_probe";
+
+fn nft_set<T: ToString>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(T::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 impl NftProbe {
     /// Installs the table in `ns`, counting packets from any of `sources` to any of `ports`
     /// and from those ports back to `sources` (TCP and UDP).
     pub fn install(ns: &str, sources: &[Ipv4Addr], ports: &[u16]) -> Result<Self, ScenarioError> {
-        let client = sources
-            .iter()
-            .map(Ipv4Addr::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
-        let ports = ports
-            .iter()
-            .map(u16::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut script = format!("table ip {NFT_TABLE} {{\n");
+        let (client, ports) = (nft_set(sources), nft_set(ports));
+        Self::install_rules(
+            ns,
+            NFT_TABLE,
+            [
+                format!(
+                    "ip saddr {{ {client} }} meta l4proto {{ tcp, udp }} th dport {{ {ports} }}"
+                ),
+                format!(
+                    "ip daddr {{ {client} }} meta l4proto {{ tcp, udp }} th sport {{ {ports} }}"
+                ),
+            ],
+        )
+    }
+
+    /// Installs a probe in `ns` that counts ICMP packets to or from any of `hosts` (not
+    /// ICMP carried in a tunnel: the outer protocol is IP-in-IP then).
+    pub fn install_icmp(ns: &str, hosts: &[Ipv4Addr]) -> Result<Self, ScenarioError> {
+        let hosts = nft_set(hosts);
+        Self::install_rules(
+            ns,
+            NFT_ICMP_TABLE,
+            [
+                format!("ip daddr {{ {hosts} }} meta l4proto icmp"),
+                format!("ip saddr {{ {hosts} }} meta l4proto icmp"),
+            ],
+        )
+    }
+
+    /// Table `table` in `ns` with a chain per hook holding a counter per rule of `matches`.
+    fn install_rules(
+        ns: &str,
+        table: &'static str,
+        matches: [String; 2],
+    ) -> Result<Self, ScenarioError> {
+        let mut script = format!("table ip {table} {{\n");
         for hook in NFT_HOOKS {
             script.push_str(&format!(
-                "  chain {hook} {{
-    type filter hook {hook} priority -300; policy accept;
-    ip saddr {{ {client} }} meta l4proto {{ tcp, udp }} th dport {{ {ports} }} counter
-    ip daddr {{ {client} }} meta l4proto {{ tcp, udp }} th sport {{ {ports} }} counter
-  }}
-"
+                "  chain {hook} {{\n    type filter hook {hook} priority -300; policy accept;\n"
             ));
+            for m in &matches {
+                script.push_str(&format!("    {m} counter\n"));
+            }
+            script.push_str("  }\n");
         }
         script.push_str("}\n");
         nft(ns, &["-f", "-"], Some(&script))?;
-        Ok(NftProbe { ns: ns.into() })
+        Ok(NftProbe {
+            ns: ns.into(),
+            table,
+        })
     }
 
     /// Packets counted per hook (both rules of its chain together).
     pub fn read(&self) -> Result<BTreeMap<String, u64>, ScenarioError> {
-        let args = ["-j", "list", "table", "ip", NFT_TABLE];
+        let args = ["-j", "list", "table", "ip", self.table];
         let out = nft(&self.ns, &args, None)?;
         let bad = |detail: String| ScenarioError::BadOutput {
             command: format!("nft {}", args.join(" ")),
@@ -1039,7 +1246,7 @@ impl Drop for NftProbe {
     /// Removes the table, so a later probe in the same namespace starts from zero.
     fn drop(&mut self) {
         // The namespace may already be gone (the lab tore down first): nothing to remove.
-        let _ = nft(&self.ns, &["delete", "table", "ip", NFT_TABLE], None);
+        let _ = nft(&self.ns, &["delete", "table", "ip", self.table], None);
     }
 }
 
@@ -1195,6 +1402,9 @@ impl Lab {
         let mut topo_spec = spec.topology.clone();
         topo_spec.control |= spec.control_plane;
         let topo = Topology::build(topo_spec)?;
+        if let Some(mtu) = spec.lan_mtu {
+            topo.set_lan_mtu(mtu)?;
+        }
         let workdir = std::env::temp_dir().join(topo.prefix());
         std::fs::create_dir_all(&workdir)
             .map_err(io_err("creating the work directory", &workdir))?;
@@ -1452,7 +1662,11 @@ impl Lab {
             self.check_pod(e.pod)?;
         }
         let t = self.topology();
-        let mut text = manifest(endpoints, |p| t.pod_addr(p.node, p.pod));
+        let mut text = manifest_with(
+            endpoints,
+            |p| t.pod_addr(p.node, p.pod),
+            self.spec.closed_udp_port,
+        );
         if self.spec.node_objects {
             for node in 0..self.node_count() {
                 text.push_str(&node_object(&node_name(node), self.node_addr(node)));
@@ -1716,6 +1930,68 @@ impl Lab {
         Ok((answer, sock))
     }
 
+    /// Sends `payload` from a new client socket connected to `addr:port` and waits for the
+    /// ICMP error the kernel hands that socket (IP_RECVERR): a port unreachable about the
+    /// datagram, say. An answer instead, or nothing within the timeout, is an error.
+    pub fn udp_icmp_error(
+        &self,
+        addr: Ipv4Addr,
+        port: u16,
+        payload: &[u8],
+    ) -> Result<IcmpReport, ScenarioError> {
+        let target = SocketAddrV4::new(addr, port);
+        let what = "UDP datagram (expecting an ICMP error) to";
+        let req_err = |source| ScenarioError::Request {
+            what,
+            target,
+            source,
+        };
+        let sock = self
+            .in_client(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
+            .map_err(req_err)?;
+        sock.connect(target).map_err(req_err)?;
+        sock.set_read_timeout(Some(IO_TIMEOUT)).map_err(req_err)?;
+        set_int_opt(&sock, libc::IPPROTO_IP, libc::IP_RECVERR, 1).map_err(req_err)?;
+        let local = v4(sock.local_addr().map_err(req_err)?);
+        sock.send(payload).map_err(req_err)?;
+        let mut buf = [0u8; 512];
+        let error = match sock.recv(&mut buf) {
+            Ok(n) => {
+                return Err(ScenarioError::BadAnswer {
+                    what,
+                    target,
+                    answer: String::from_utf8_lossy(&buf[..n]).into_owned(),
+                    detail: "an answer where an ICMP error was expected".into(),
+                })
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ScenarioError::Timeout {
+                    what: format!("{what} {target} from {local}"),
+                    waited: IO_TIMEOUT,
+                    detail: "neither an answer nor an ICMP error arrived".into(),
+                })
+            }
+            Err(e) => e.kind(),
+        };
+        let queued =
+            recv_icmp_error(&sock, error, local).map_err(|source| ScenarioError::Request {
+                what: "reading the ICMP error queue of the socket sending to",
+                target,
+                source,
+            })?;
+        queued.ok_or_else(|| ScenarioError::BadAnswer {
+            what,
+            target,
+            answer: format!("{error:?}"),
+            detail: "the socket failed, but its error queue holds no ICMP error".into(),
+        })
+    }
+
     /// Runs `lb-user ARGS --pin-dir <node's pin dir> --output json` and parses its output.
     fn cli_json(
         &self,
@@ -1772,8 +2048,8 @@ impl Lab {
     }
 
     /// Installs an [`NftProbe`] in node `node`'s namespace counting the client's traffic to
-    /// and from the Service's node ports and target ports, and the other nodes' forwarded
-    /// legs of it (from and to their SNAT addresses).
+    /// and from the Service's node ports and target ports (the `closed` port's too), and
+    /// the other nodes' forwarded legs of it (from and to their SNAT addresses).
     pub fn install_nft_probe(&self, node: usize) -> Result<NftProbe, ScenarioError> {
         let sources: Vec<Ipv4Addr> = std::iter::once(self.client_addr())
             .chain(
@@ -1790,8 +2066,70 @@ impl Lab {
                 TCP_TARGET_PORT,
                 UDP_NODE_PORT,
                 UDP_TARGET_PORT,
+                CLOSED_UDP_NODE_PORT,
+                CLOSED_UDP_TARGET_PORT,
             ],
         )
+    }
+
+    /// Installs an [`NftProbe`] in node `node`'s namespace counting ICMP to and from the
+    /// client ([`NftProbe::install_icmp`]): errors about its flows that the node's stack
+    /// sees.
+    pub fn install_icmp_probe(&self, node: usize) -> Result<NftProbe, ScenarioError> {
+        NftProbe::install_icmp(self.topology().node_ns(node), &[self.client_addr()])
+    }
+
+    /// Node `node`'s data-plane settings as its agent wrote them (the pinned `CONFIG`):
+    /// what the programs decide by, e.g. the tunnel MTU and the MSS it implies
+    /// (`Config::tunnel_mss`).
+    pub fn agent_config(&self, node: usize) -> Result<lb_common::Config, ScenarioError> {
+        let err = |detail: String| ScenarioError::AgentConfig {
+            node,
+            pin_dir: self.pin_dir(node).to_path_buf(),
+            detail,
+        };
+        let located = lb_user::bpf::pins::locate(Some(self.pin_dir(node)), None)
+            .map_err(|e| err(e.to_string()))?;
+        let maps = lb_user::inspect::open(&located).map_err(|e| err(e.to_string()))?;
+        lb_user::inspect::MapsView::config(&maps).map_err(|e| err(e.to_string()))
+    }
+
+    /// The MSS the kernel of namespace `ns` sends with on its established TCP connection
+    /// `local` -> `peer` (`ss -ti`'s `mss:`, the kernel's `mss_cache`: the smaller of the
+    /// MSS the peer announced and what its own route allows, less the TCP options every
+    /// segment carries).
+    pub fn tcp_mss(
+        &self,
+        ns: &str,
+        local: SocketAddrV4,
+        peer: SocketAddrV4,
+    ) -> Result<u32, ScenarioError> {
+        let (src, dst) = (local.to_string(), peer.to_string());
+        let args = [
+            "ss",
+            "-Htin",
+            "state",
+            "established",
+            "src",
+            &src,
+            "dst",
+            &dst,
+        ];
+        let out = netns::run(ns, &args).map_err(netns_err(format!("running ss in {ns}")))?;
+        let bad = |detail: &str| ScenarioError::BadOutput {
+            command: format!("ip netns exec {ns} {}", args.join(" ")),
+            detail: detail.into(),
+            output: out.clone(),
+        };
+        let mss: Vec<&str> = out
+            .split_whitespace()
+            .filter_map(|t| t.strip_prefix("mss:"))
+            .collect();
+        match mss[..] {
+            [one] => one.parse().map_err(|_| bad("mss: is not a number")),
+            [] => Err(bad("no established connection with an mss: field")),
+            _ => Err(bad("more than one connection matched")),
+        }
     }
 
     /// Everything this lab created, to check teardown against.

@@ -17,7 +17,8 @@
 //! GRO on at every veth that an XDP program may REDIRECT or TX into the peer of (pod eth0,
 //! the bridge ports of node eth0s): veth's ndo_xdp_xmit needs NAPI on the receiving peer.
 //! IPv6 is disabled in every namespace so router solicitations and MLD do not show up in
-//! packet counters and captures.
+//! packet counters and captures. Every link has the kernel's default MTU (1500) unless
+//! [`Topology::set_lan_mtu`] narrows the subnet.
 
 use std::net::Ipv4Addr;
 
@@ -523,6 +524,54 @@ impl Topology {
     /// MAC of `p<k>` (the source MAC for local delivery).
     pub fn pod_host_mac(&self, i: usize, k: usize) -> [u8; 6] {
         self.nodes[i].pods[k].host_side.mac
+    }
+
+    /// Sets the MTU of the lab subnet: every host's `eth0` on the bridge (client, control,
+    /// nodes), its bridge port and the bridge. One L2 segment has one MTU (a bridge drops a
+    /// frame larger than its egress port's MTU without a word), so the client's link goes
+    /// down with the nodes' links. The pods' veths keep theirs (1500): a pod announces the
+    /// MSS of its own link, and whatever forwards its flows over the narrower subnet must
+    /// make it fit. Set it before the agents start: an agent reads its tunnel MTU from
+    /// `eth0` once.
+    pub fn set_lan_mtu(&self, mtu: u32) -> Result<(), TopologyError> {
+        let b = Builder {
+            prefix: &self.prefix,
+        };
+        let mtu = mtu.to_string();
+        let mut hosts: Vec<(&Host, String)> = vec![(&self.client, "c0".into())];
+        hosts.extend(self.control.iter().map(|h| (h, "ctl0".to_string())));
+        hosts.extend(
+            self.nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (&n.host, format!("n{i}"))),
+        );
+        for (host, port) in &hosts {
+            b.ip(&host.ns, &["link", "set", "dev", NIC, "mtu", &mtu])?;
+            b.ip(&self.net, &["link", "set", "dev", port, "mtu", &mtu])?;
+        }
+        b.ip(&self.net, &["link", "set", "dev", BRIDGE, "mtu", &mtu])
+    }
+
+    /// The MTU of `ifname` in namespace `ns` (any namespace of the lab), as the kernel
+    /// reports it.
+    pub fn mtu(&self, ns: &str, ifname: &str) -> Result<u32, TopologyError> {
+        let out = ip(&["-n", ns, "-j", "link", "show", "dev", ifname]).map_err(|source| {
+            TopologyError::Step {
+                step: format!("reading {ifname} in {ns}"),
+                source,
+            }
+        })?;
+        let bad = |detail: String| TopologyError::LinkInfo {
+            ns: ns.into(),
+            ifname: ifname.into(),
+            detail,
+        };
+        let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| bad(e.to_string()))?;
+        v.get(0)
+            .and_then(|link| link["mtu"].as_u64())
+            .and_then(|m| u32::try_from(m).ok())
+            .ok_or_else(|| bad(format!("no mtu in {out}")))
     }
 
     /// Every namespace name of this topology.

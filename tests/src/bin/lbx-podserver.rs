@@ -18,7 +18,9 @@ use std::process::exit;
 use std::sync::Arc;
 
 /// A peer that never finishes its headers gets dropped rather than growing memory forever.
-const MAX_REQUEST: usize = 1 << 20;
+const MAX_HEADERS: usize = 1 << 20;
+/// The largest request body taken (Content-Length); a larger one drops the connection.
+const MAX_BODY: usize = 64 << 20;
 
 const USAGE: &str = "usage: lbx-podserver --name POD [--tcp PORT] [--udp PORT]";
 
@@ -135,6 +137,8 @@ enum Request {
     },
     /// Not HTTP: every read is one request.
     Raw,
+    /// Headers longer than [`MAX_HEADERS`] or a body longer than [`MAX_BODY`]: dropped.
+    TooLarge,
 }
 
 /// HTTP if it starts with an upper-case method token and a space ("GET ", "POST ", ...).
@@ -147,6 +151,9 @@ fn classify(buf: &[u8]) -> Request {
         return Request::Partial;
     }
     let Some(hdr_end) = find(buf, b"\r\n\r\n").map(|i| i + 4) else {
+        if buf.len() > MAX_HEADERS {
+            return Request::TooLarge;
+        }
         return Request::Partial;
     };
     let head = String::from_utf8_lossy(&buf[..hdr_end]);
@@ -169,6 +176,9 @@ fn classify(buf: &[u8]) -> Request {
                 conn_close = false;
             }
         }
+    }
+    if content_length > MAX_BODY {
+        return Request::TooLarge;
     }
     let end = hdr_end + content_length;
     if buf.len() < end {
@@ -243,7 +253,7 @@ fn serve_tcp(mut stream: TcpStream, name: &str) -> io::Result<()> {
         buf.extend_from_slice(&chunk[..n]);
         loop {
             match classify(&buf) {
-                Request::Partial if buf.len() > MAX_REQUEST => return Ok(()),
+                Request::TooLarge => return Ok(()),
                 Request::Partial => break,
                 Request::Raw => {
                     respond(&mut stream, &body, false, false, 0)?;
@@ -394,6 +404,21 @@ mod tests {
             classify(b"HEAD / HTTP/1.1\r\n\r\n"),
             Request::Http { head: true, .. }
         ));
+        // A body of several MiB is fine (bulk uploads); headers that never end are not.
+        let mut big = b"POST / HTTP/1.1\r\nContent-Length: 4194304\r\n\r\n".to_vec();
+        let head = big.len();
+        big.resize(head + (2 << 20), b'x');
+        assert_eq!(classify(&big), Request::Partial);
+        big.resize(head + (4 << 20), b'x');
+        assert!(matches!(classify(&big), Request::Http { end, .. } if end == big.len()));
+        let mut endless = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        endless.resize(MAX_HEADERS + 1, b'x');
+        assert_eq!(classify(&endless), Request::TooLarge);
+        let huge = format!(
+            "POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        assert_eq!(classify(huge.as_bytes()), Request::TooLarge);
         assert_eq!(classify(b"hello"), Request::Raw);
         assert_eq!(classify(b"PING\n"), Request::Raw);
     }
