@@ -14,6 +14,7 @@
 //!   type has a size assertion, so both sides agree byte for byte.
 #![no_std]
 
+pub mod bench;
 pub mod csum;
 pub mod hash;
 pub mod maps;

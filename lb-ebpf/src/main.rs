@@ -54,7 +54,14 @@ use crate::{
 
 #[xdp]
 pub fn lb_ingress(ctx: XdpContext) -> u32 {
-    let (verdict, reason) = match try_lb_ingress(&ctx) {
+    ingress(&ctx)
+}
+
+/// `lb_ingress`'s whole work, also what the benchmark harness (`reference::lb_bench_harness`)
+/// runs after restoring its packet: both call the one `try_lb_ingress` subprogram.
+#[inline(always)]
+fn ingress(ctx: &XdpContext) -> u32 {
+    let (verdict, reason) = match try_lb_ingress(ctx) {
         Ok(done) => done,
         // Anything we do not accelerate is the kernel's (and kube-proxy's) to handle.
         Err(reason) => (xdp_action::XDP_PASS, reason),
@@ -63,6 +70,9 @@ pub fn lb_ingress(ctx: XdpContext) -> u32 {
     verdict
 }
 
+/// Never inlined (it never was: LLVM kept it a BPF-to-BPF subprogram of `lb_ingress`), so
+/// the benchmark harness calls exactly the code the attached program runs.
+#[inline(never)]
 fn try_lb_ingress(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let p = match parse(ctx) {
         Ok(p) => p,

@@ -17,6 +17,7 @@ use aya::{
     Ebpf, EbpfError,
 };
 use lb_common::{
+    bench::BenchInput,
     maps::{
         MapDef, AFFINITY, BACKENDS, CONFIG, CONNTRACK, FRONTENDS, LOCAL_ENDPOINTS, MAGLEV, PEERS,
         RETURNS, REVNAT, SERVICE_PORTS, STATS,
@@ -32,7 +33,10 @@ use log::warn;
 use super::{
     local_endpoints::LocalEndpoints,
     maps::{pin_path, Maps, MapsError},
-    object::{self, MapSizes, Placement, PROG_INGRESS, PROG_PASS, PROG_REPLY, REFERENCE_PROGRAMS},
+    object::{
+        self, MapSizes, Placement, BENCH_INPUT, PROG_BENCH_HARNESS, PROG_INGRESS, PROG_PASS,
+        PROG_REPLY, REFERENCE_PROGRAMS,
+    },
     rings::{Rings, RingsError},
     testrun,
 };
@@ -645,6 +649,43 @@ impl Dataplane {
             })?;
         }
         testrun::run_repeated(prog, packet, repeat).map_err(test_run_err(name))
+    }
+
+    /// Runs the benchmark harness `repeat` times with `input` (its packet restored, and a
+    /// new flow made if `input.vary`, before every repeat; then `lb_ingress`'s code, or
+    /// nothing in `BENCH_RESTORE_ONLY` mode). Loads the harness on first use. Returns the
+    /// last verdict and the kernel's average duration per repeat.
+    pub fn bench_harness(
+        &mut self,
+        input: &BenchInput,
+        repeat: u32,
+    ) -> Result<(u32, Duration), DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(BENCH_INPUT)
+            .ok_or(DataplaneError::MissingProgram { name: BENCH_INPUT })?;
+        let mut array: aya::maps::Array<_, BenchInput> =
+            aya::maps::Array::try_from(map).map_err(|source| DataplaneError::Program {
+                name: BENCH_INPUT,
+                op: "open",
+                source: ProgramError::MapError(source),
+            })?;
+        array
+            .set(0, input, 0)
+            .map_err(|source| DataplaneError::Program {
+                name: BENCH_INPUT,
+                op: "write",
+                source: ProgramError::MapError(source),
+            })?;
+        let prog: &mut Xdp = program(&mut self.ebpf, PROG_BENCH_HARNESS)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DataplaneError::Program {
+                name: PROG_BENCH_HARNESS,
+                op: "load",
+                source,
+            })?;
+        }
+        testrun::run_repeated(prog, &input.packet, repeat).map_err(test_run_err(PROG_BENCH_HARNESS))
     }
 }
 

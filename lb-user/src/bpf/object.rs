@@ -20,6 +20,11 @@ pub const PROG_PASS: &str = "lb_pass";
 /// Benchmark references in the object (`lb-ebpf/src/reference.rs`): loaded only on demand,
 /// never attached.
 pub const REFERENCE_PROGRAMS: [&str; 2] = ["lb_ref_ct_lookup", "lb_ref_ct_insert"];
+/// The benchmark harness (`lb-ebpf/src/reference.rs`): restores its packet from
+/// [`BENCH_INPUT`] on every repeat, then runs `lb_ingress`'s code. Loaded only by the bench.
+pub const PROG_BENCH_HARNESS: &str = "lb_bench_harness";
+/// The harness's input map (one `lb_common::bench::BenchInput`), outside the catalogue.
+pub const BENCH_INPUT: &str = "BENCH_INPUT";
 
 /// The size parameters of the maps whose size the catalogue leaves to the run
 /// ([`MapSize`] other than `Fixed`).

@@ -1,6 +1,7 @@
 //! `cargo xtask bench xdp --json FILE`: ns per packet of the XDP program through
-//! BPF_PROG_TEST_RUN, for an established flow (ct hit), a new flow (Maglev select + ct
-//! create), and a non-service packet, at 1, 1 000 and 10 000 services of 10 backends each.
+//! BPF_PROG_TEST_RUN, for an established flow (ct hit), new flows (Maglev select + ct
+//! create) to local pods, through the tunnel and by SNAT, the tunnel's legs, and a
+//! non-service packet, at 1, 1 000 and 10 000 services of 10 backends each.
 //!
 //! Method (the kernel does not reset the packet between repeats, so a rewritten packet would
 //! take another path on the next repeat):
@@ -13,14 +14,32 @@
 //!   counters prove every repeat took that path; the entry carries the current frontend
 //!   epoch, so no repeat looks up the frontend (as for any flow whose frontends did not
 //!   change since it was last checked).
-//! - new_flow: a chain where each repeat's output is the next repeat's new flow (see the
-//!   code); the counters and the conntrack table prove every repeat created a flow.
+//! - through the harness (`lb_bench_harness`, lb-ebpf/src/reference.rs: it puts the packet
+//!   back on every repeat, a fresh client address and port if asked, then runs
+//!   `lb_ingress`'s own code): new_flow_local (a SYN to a NodePort whose backends are local
+//!   pods: select, one CONNTRACK insert, DNAT, redirect), new_flow_tunnel (the same to a
+//!   Service whose pods are on another node: select, insert, DNAT, MSS clamp, IP-in-IP
+//!   encapsulation, redirect to the NIC), ct_hit_tunnel (an established tunnelled flow's
+//!   ACK: lookup, DNAT, encapsulation), new_flow_snat (the same SYN to a Service whose pods
+//!   are reached by SNAT, `--remote-mode snat`: select, a SNAT port, a REVNAT entry besides
+//!   the CONNTRACK one) and decap_tunnel (the owning node: an IP-in-IP request from a peer
+//!   decapsulated into a local pod, its RETURNS entry found; decap_tunnel_new: the same for
+//!   a new flow's SYN, one RETURNS insert). The counters prove every repeat took the case's
+//!   path; after the last round, the tables show that every new-flow repeat left an entry
+//!   of its own and none was evicted. `harness` is the harness alone (restore and a fresh
+//!   flow, then XDP_PASS): what these cases carry that the plain-repeat ones do not (their
+//!   checksums go stale, which no path checks). This is the method of the Katran anchor
+//!   (../shared/anchors/katran), so its cases compare gross to gross, and like its
+//!   new_flow_syn the new flows go into never-used entries of a 4M-entry table (nothing is
+//!   flushed between rounds), on one pinned CPU (`--cpu`, default the last). An earlier
+//!   version flushed the tables between runs, so its inserts reused freed entries in hash
+//!   order: about 1.5x slower here, a different (steady-state-like) condition.
 //! - empty_program / floor: the harness cost (a program that only returns XDP_PASS) and the
 //!   program's shortest path (an ARP frame), for reference.
 //! - ref_ct_lookup / ref_ct_insert: the object's reference programs (never attached): the
 //!   ct_hit packet through parse and one CONNTRACK lookup, and one CONNTRACK insert of a
-//!   fresh key (ct_create makes two such inserts per new flow, REVNAT and CONNTRACK). They
-//!   show how much of ct_hit and new_flow is the kernel's LRU hash code.
+//!   fresh key (ct_create makes one such insert per new flow; SNAT flows one more, REVNAT).
+//!   They show how much of ct_hit and the new flows is the kernel's LRU hash code.
 //! - mem_random_read: no program; one dependent read at a random place of a 64 MiB buffer
 //!   from userspace, what touching memory no recent packet touched costs on this machine.
 //!
@@ -33,10 +52,17 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
-use lb_common::{port_be, CtEntry, FlowKey, Frontend, Reason, DEFAULT_MAGLEV_SIZE, PROTO_TCP};
+use lb_common::{
+    bench::{BenchInput, BENCH_PACKET_LEN, BENCH_PIPELINE, BENCH_RESTORE_ONLY},
+    port_be, CtEntry, FlowKey, Frontend, Reason, CFG_TUNNEL, DEFAULT_MAGLEV_SIZE, PEER_TUNNEL,
+    PROTO_TCP,
+};
 use lb_tests::{
-    fixture::{addr, frontend_key, local_backend, node_config, ring_for, XDP_PASS, XDP_REDIRECT},
-    packet::Packet,
+    fixture::{
+        addr, frontend_key, local_backend, node_config, ring_for, tunnel_backend, NODE1, NODE1_MAC,
+        XDP_PASS, XDP_REDIRECT,
+    },
+    packet::{datagram, Packet, IPPROTO_IPIP},
 };
 use lb_user::bpf::dataplane::{Dataplane, DataplaneOptions};
 use serde::Serialize;
@@ -58,10 +84,15 @@ struct Args {
     /// Test runs per case; the median is reported.
     #[arg(long, default_value_t = 15)]
     runs: usize,
-    /// Conntrack (and reverse-NAT) entries.
-    #[arg(long, default_value_t = 262_144)]
+    /// Conntrack (and reverse-NAT, RETURNS) entries. Katran's anchor's connection table has
+    /// 4M; the new-flow cases insert into never-used entries of it (see the module's doc).
+    #[arg(long, default_value_t = 4_194_304)]
     ct_entries: u32,
-    /// Only these cases (default: all), e.g. `--cases new_flow` to profile one path with
+    /// The CPU the benchmark (and so every test run) stays on; default the last, as the
+    /// Katran anchor's.
+    #[arg(long)]
+    cpu: Option<usize>,
+    /// Only these cases (default: all), e.g. `--cases new_flow_tunnel` to profile one path with
     /// `perf record -g`; empty_program always runs (the net column needs it).
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(REFERENCE.iter().chain(&CASES)))]
     cases: Vec<String>,
@@ -74,15 +105,25 @@ impl Args {
 }
 
 /// The reference rows (harness, shortest path, map-operation references), in report order.
-const REFERENCE: [&str; 5] = [
+const REFERENCE: [&str; 6] = [
     "empty_program",
+    "harness",
     "floor",
     "ref_ct_lookup",
     "ref_ct_insert",
     "mem_random_read",
 ];
 /// The cases the targets are about, in report order.
-const CASES: [&str; 3] = ["non_service", "ct_hit", "new_flow"];
+const CASES: [&str; 8] = [
+    "non_service",
+    "ct_hit",
+    "new_flow_local",
+    "ct_hit_tunnel",
+    "new_flow_tunnel",
+    "decap_tunnel",
+    "decap_tunnel_new",
+    "new_flow_snat",
+];
 
 #[derive(Serialize)]
 struct Case {
@@ -99,7 +140,7 @@ struct Case {
 
 #[derive(Serialize)]
 struct Report {
-    /// ct_hit, new_flow and non_service, per service count.
+    /// The cases of [`CASES`], per service count.
     cases: Vec<Case>,
     /// empty_program (the harness alone), floor (the program's shortest path) and the
     /// ref_ct_lookup / ref_ct_insert map-operation references.
@@ -127,9 +168,9 @@ fn pod_ip(service: u32, backend: u32) -> Ipv4Addr {
 /// Loads a data plane with `n` NodePort services of `b` local backends each.
 fn setup(n: u32, b: u32, ct_entries: u32) -> Result<Dataplane> {
     let mut dp = Dataplane::load(DataplaneOptions {
-        max_services: n + 1, // + the new_flow chain service
+        max_services: n + 2, // + the SNAT and the tunnel Service
         maglev_size: DEFAULT_MAGLEV_SIZE,
-        max_backends: n * b + b + 1,
+        max_backends: n * b + 2 * b + 1,
         max_frontends: n + 16,
         ct_entries,
         affinity_entries: 1024,
@@ -137,9 +178,12 @@ fn setup(n: u32, b: u32, ct_entries: u32) -> Result<Dataplane> {
     })
     .context("loading the data plane (run as root)")?;
     let mut cfg = node_config();
-    // Decrementing TTL would end the ct_hit fixed point after 255 repeats.
-    cfg.flags = 0;
+    // Decrementing TTL would end the ct_hit fixed point after 255 repeats. Tunnel delivery
+    // on (IP-in-IP), as the agent's default.
+    cfg.flags = CFG_TUNNEL;
     dp.set_config(&cfg)?;
+    // The other node, a tunnel peer: decap_tunnel's requests come from it.
+    dp.set_peers(&[(NODE1, PEER_TUNNEL)])?;
     let started = Instant::now();
     for s in 0..n {
         let backends: Vec<_> = (0..b)
@@ -205,6 +249,21 @@ fn one_run(
     Ok(d.as_nanos() as f64)
 }
 
+/// One harness run of `repeat` repeats of `input`; the counters must show every repeat
+/// took the path named by `reason` (XDP_REDIRECT). Returns ns per packet.
+fn harness_run(dp: &mut Dataplane, input: &BenchInput, repeat: u32, reason: Reason) -> Result<f64> {
+    let before = stat(dp, reason)?;
+    let (v, d) = dp.bench_harness(input, repeat)?;
+    ensure!(v == XDP_REDIRECT, "{}: verdict {v}", reason.name());
+    let counted = stat(dp, reason)? - before;
+    ensure!(
+        counted == repeat as u64,
+        "{} counted {counted} of {repeat} harness repeats: the path changed",
+        reason.name()
+    );
+    Ok(d.as_nanos() as f64)
+}
+
 /// A loaded data plane for one service count, with the packets of every case.
 struct Size {
     n: u32,
@@ -212,23 +271,64 @@ struct Size {
     non_service: Vec<u8>,
     arp: Vec<u8>,
     ct_pkt: Vec<u8>,
-    /// The ct_hit fixed point's conntrack entry, rewritten after each new_flow chain flushes it.
+    /// The ct_hit fixed point's conntrack entry, rewritten after each round.
     ct_entry: (FlowKey, CtEntry),
-    chain_pkt: Vec<u8>,
+    /// Harness inputs: a SYN to a local Service from a fresh client each repeat, the same to
+    /// the tunnel Service, that Service's established flow (its SYN first: `tunnel_syn`),
+    /// an IP-in-IP request from the peer for a local pod (an established flow's ACK).
+    new_local: BenchInput,
+    new_tunnel: BenchInput,
+    /// The same to the SNAT Service.
+    new_snat: BenchInput,
+    tunnel_syn: Vec<u8>,
+    ct_tunnel: BenchInput,
+    decap: BenchInput,
+    /// The same for a new flow's SYN from a fresh client each repeat.
+    decap_new: BenchInput,
+    /// Inserts so far: the new-flow cases' (CONNTRACK), ref_ct_insert's (random keys) and
+    /// decap_tunnel_new's (RETURNS).
+    new_flows: u64,
+    random_inserts: u64,
+    returns: u64,
 }
 
-const CHAIN_REPEAT: u32 = 4000;
-/// Inserts per ref_ct_insert run (at most): below a CPU's share of CONNTRACK (262 144 / 2
-/// CPUs here), so nothing is evicted.
-const REF_INSERT_REPEAT: u32 = 100_000;
-
-/// ref_ct_insert's inserts for a CONNTRACK of `ct_entries`: [`REF_INSERT_REPEAT`], or half a
-/// CPU's share of a smaller table (`--ct-entries`, to see what the table's size costs).
-fn ref_insert_repeat(ct_entries: u32) -> u32 {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-    REF_INSERT_REPEAT.min(ct_entries / cpus / 2)
+/// A harness input: `packet` padded to [`BENCH_PACKET_LEN`] by its builder's payload.
+fn harness_input(packet: Vec<u8>, vary_at: Option<(usize, usize)>) -> Result<BenchInput> {
+    ensure!(
+        packet.len() == BENCH_PACKET_LEN,
+        "a harness packet is {BENCH_PACKET_LEN} bytes, this one {}",
+        packet.len()
+    );
+    let mut input = BenchInput {
+        mode: BENCH_PIPELINE,
+        ..Default::default()
+    };
+    input.packet.copy_from_slice(&packet);
+    if let Some((addr_off, port_off)) = vary_at {
+        (input.vary, input.addr_off, input.port_off) = (1, addr_off as u32, port_off as u32);
+    }
+    Ok(input)
 }
 
+/// Offsets of the IPv4 source address and the source port behind an Ethernet header.
+const SRC_AT: (usize, usize) = (14 + 12, 14 + 20);
+/// The same inside IP-in-IP.
+const INNER_SRC_AT: (usize, usize) = (14 + 20 + 12, 14 + 20 + 20);
+/// A SYN's MSS option (1460), as every real SYN carries one: the tunnel clamps it.
+const MSS_1460: [u8; 4] = [2, 4, 0x05, 0xb4];
+/// The tunnel and the SNAT Service's NodePorts, outside the local Services' range.
+const TUNNEL_NODE_PORT: u16 = 31000;
+const SNAT_NODE_PORT: u16 = 31001;
+
+/// New flows per run of a new-flow case (and ref_ct_insert's inserts).
+const NEW_FLOW_REPEAT: u32 = 20_000;
+/// new_flow_snat's: each holds a SNAT port of its backend for `snat_idle_s`, and 15 runs of
+/// these fill a tenth of the 10 backends' 32 768 ports each, so a port is found at the first
+/// probes (as on a node that is not running out of them); 20 000 a run filled them and
+/// passed flows to the kernel (`pass_snat_exhausted`) by the fourth round.
+const SNAT_FLOW_REPEAT: u32 = 2_000;
+/// Each new-flow case's flows start at its own multiple of 2^this in the harness's counter.
+const FLOW_RANGE_BITS: u32 = 26;
 fn prepare(n: u32, args: &Args) -> Result<Size> {
     eprintln!("services = {n}");
     let mut dp = setup(n, args.backends, args.ct_entries)?;
@@ -276,23 +376,15 @@ fn prepare(n: u32, args: &Args) -> Result<Size> {
         .payload(&[0u8; 64])
         .build();
 
-    // new_flow: a chain of new flows inside one test run. The bench service (slot n) has
-    // remote backends Qi:8080, and every Qi:8080 is also one of its frontends. A packet to a
-    // Qi is SNATed to (node, fresh port) and DNATed to the Qj that Maglev picks, so the next
-    // repeat is again a packet to a frontend, from a source port never used before towards
-    // that backend (SNAT ports are allocated exclusively per backend): every repeat is a new
-    // flow through select_backend. This is the remote (SNAT) path, the heavier of the two
-    // new-flow paths; the local one cannot chain (its output goes to a pod, not a frontend).
-    let chain = n;
-    let q = Ipv4Addr::new(10, 99, 0, 1);
+    // The SNAT Service (slot n, `--remote-mode snat`): `backends` pods on another node
+    // reached by SNAT to this node; its NodePort takes SYNs from a fresh client each repeat.
+    let snat_svc = n;
     let mut cfg = dp.config()?;
-    // Room for the chain's exclusive ports; the non_service port (9999) stays outside the
-    // range, as the node's own traffic stays outside the default SNAT range.
+    // Room for the SNAT ports (allocated per backend); the non_service port (9999) stays
+    // outside the range, as the node's own traffic stays outside the default SNAT range.
     cfg.snat_port_min = 32768;
     cfg.snat_port_max = 65535;
     dp.set_config(&cfg)?;
-    // The chain service has `backends` remote backends Q1..Qb, and each Qi:8080 is also one
-    // of its frontends: every repeat goes through Maglev selection among all of them.
     let qs: Vec<(u32, lb_common::Backend)> = (0..args.backends)
         .map(|i| {
             let qi = Ipv4Addr::new(10, 99, 0, 1 + i as u8);
@@ -305,22 +397,96 @@ fn prepare(n: u32, args: &Args) -> Result<Size> {
     for (id, be) in &qs {
         dp.set_backend(*id, be)?;
     }
-    dp.write_full_ring(chain, &ring_for(&qs, DEFAULT_MAGLEV_SIZE))?;
-    let chain_fe = Frontend {
-        service_id: chain,
-        backend_count: args.backends,
-        flags: 0,
-        affinity_timeout_s: 0,
-    };
-    for i in 0..args.backends {
-        let qi = Ipv4Addr::new(10, 99, 0, 1 + i as u8);
-        dp.set_frontend(&frontend_key(Some(qi), 8080, PROTO_TCP), &chain_fe)?;
+    dp.write_full_ring(snat_svc, &ring_for(&qs, DEFAULT_MAGLEV_SIZE))?;
+    dp.set_frontend(
+        &frontend_key(None, SNAT_NODE_PORT, PROTO_TCP),
+        &Frontend {
+            service_id: snat_svc,
+            backend_count: args.backends,
+            flags: 0,
+            affinity_timeout_s: 0,
+        },
+    )?;
+    // The tunnel Service (slot n + 1): `backends` pods on the other node, reached through
+    // the tunnel; its NodePort takes SYNs from a fresh client each repeat.
+    let tunnel_svc = n + 1;
+    let ts: Vec<(u32, lb_common::Backend)> = (0..args.backends)
+        .map(|i| {
+            let pod = Ipv4Addr::new(10, 98, 0, 1 + i as u8);
+            ((n + 1) * args.backends + 1 + i, tunnel_backend(pod, 8080))
+        })
+        .collect();
+    for (id, be) in &ts {
+        dp.set_backend(*id, be)?;
     }
-    let chain_pkt = Packet::eth(CLIENT_MAC, NIC_MAC)
-        .ipv4(CLIENT, q)
-        .tcp(40000, 8080)
+    dp.write_full_ring(tunnel_svc, &ring_for(&ts, DEFAULT_MAGLEV_SIZE))?;
+    dp.set_frontend(
+        &frontend_key(None, TUNNEL_NODE_PORT, PROTO_TCP),
+        &Frontend {
+            service_id: tunnel_svc,
+            backend_count: args.backends,
+            flags: 0,
+            affinity_timeout_s: 0,
+        },
+    )?;
+    // Padding payloads bring every harness packet to BENCH_PACKET_LEN: an Ethernet, IPv4
+    // and TCP header with the MSS option is 58 bytes, without it 54, and IP-in-IP adds 20.
+    let syn_to = |port: u16| {
+        Packet::eth(CLIENT_MAC, NIC_MAC)
+            .ipv4(CLIENT, NODE)
+            .tcp(40001, port)
+            .syn()
+            .tcp_options(&MSS_1460)
+            .payload(&[0u8; BENCH_PACKET_LEN - 58])
+    };
+    let new_local = harness_input(syn_to(NODEPORT_BASE + target as u16).build(), Some(SRC_AT))?;
+    let mut new_tunnel = harness_input(syn_to(TUNNEL_NODE_PORT).build(), Some(SRC_AT))?;
+    let mut new_snat = harness_input(syn_to(SNAT_NODE_PORT).build(), Some(SRC_AT))?;
+    // Disjoint flow ranges: the counter's bits above 24 go into the source port.
+    new_tunnel.counter = 1 << FLOW_RANGE_BITS;
+    new_snat.counter = 2 << FLOW_RANGE_BITS;
+    let tunnel_syn = syn_to(TUNNEL_NODE_PORT).build();
+    let ct_tunnel = harness_input(
+        Packet::eth(CLIENT_MAC, NIC_MAC)
+            .ipv4(CLIENT, NODE)
+            .tcp(40001, TUNNEL_NODE_PORT)
+            .ack()
+            .payload(&[0u8; BENCH_PACKET_LEN - 54])
+            .build(),
+        None,
+    )?;
+    // What the other node tunnels here for our pod: backend 0 of Service 0, a pod
+    // LOCAL_ENDPOINTS holds (it has room for 16 384 local pods, the benchmark programs up to
+    // 100 000 local backends; a node runs a few hundred pods).
+    let inner = Packet::eth(CLIENT_MAC, NIC_MAC)
+        .ipv4(CLIENT, pod_ip(0, 0))
+        .tcp(40002, 8080)
+        .ack()
+        .payload(&[0u8; BENCH_PACKET_LEN - 54 - 20]);
+    let decap = harness_input(
+        Packet::eth(NODE1_MAC, NIC_MAC)
+            .ipv4(NODE1, NODE)
+            .ip_proto(IPPROTO_IPIP)
+            .payload(&datagram(&inner.build()))
+            .build(),
+        None,
+    )?;
+    // The same for a new flow (a SYN) from a fresh client each repeat: one RETURNS insert.
+    let inner_syn = Packet::eth(CLIENT_MAC, NIC_MAC)
+        .ipv4(CLIENT, pod_ip(0, 0))
+        .tcp(40003, 8080)
         .syn()
-        .build();
+        .tcp_options(&MSS_1460)
+        .payload(&[0u8; BENCH_PACKET_LEN - 58 - 20]);
+    let mut decap_new = harness_input(
+        Packet::eth(NODE1_MAC, NIC_MAC)
+            .ipv4(NODE1, NODE)
+            .ip_proto(IPPROTO_IPIP)
+            .payload(&datagram(&inner_syn.build()))
+            .build(),
+        Some(INNER_SRC_AT),
+    )?;
+    decap_new.counter = 3 << FLOW_RANGE_BITS;
     // Every frontend is in place: stamp the fixed point's entry with the epoch they left.
     entry.frontend_epoch = dp.config()?.frontend_epoch;
     dp.set_conntrack(&key, &entry)?;
@@ -331,7 +497,16 @@ fn prepare(n: u32, args: &Args) -> Result<Size> {
         arp,
         ct_pkt,
         ct_entry: (key, entry),
-        chain_pkt,
+        new_local,
+        new_tunnel,
+        new_snat,
+        tunnel_syn,
+        ct_tunnel,
+        decap,
+        decap_new,
+        new_flows: 0,
+        random_inserts: 0,
+        returns: 0,
     })
 }
 
@@ -367,44 +542,108 @@ fn round(sz: &mut Size, args: &Args, chase: &Chase) -> Result<Vec<(&'static str,
         );
         out.push(("ref_ct_lookup", d.as_nanos() as f64));
     }
-    if args.wants("new_flow") {
-        dp.flush_flows()?;
-        let before = stat(dp, Reason::FwdRemote)?;
-        let (v, d) = dp.bench_xdp(&sz.chain_pkt, CHAIN_REPEAT)?;
-        ensure!(v == XDP_REDIRECT, "new_flow chain: verdict {v}");
-        let fwd = stat(dp, Reason::FwdRemote)? - before;
-        let flows = dp.conntrack()?.len();
-        ensure!(
-            fwd == CHAIN_REPEAT as u64 && flows == CHAIN_REPEAT as usize,
-            "new_flow chain: {fwd} forwards and {flows} flows for {CHAIN_REPEAT} repeats (every repeat must be a new flow)"
-        );
-        out.push(("new_flow", d.as_nanos() as f64));
+    if args.wants("harness") {
+        let floor = BenchInput {
+            mode: BENCH_RESTORE_ONLY,
+            ..sz.new_local
+        };
+        let (v, d) = dp.bench_harness(&floor, r)?;
+        ensure!(v == XDP_PASS, "harness: verdict {v}");
+        out.push(("harness", d.as_nanos() as f64));
+    }
+    // Each case's flows continue where its last run stopped (its own counter range), so
+    // every repeat inserts a key never seen, into table memory never used (nothing is
+    // flushed; `check_flows` proves it at the end).
+    for (case, input, reason, repeat) in [
+        (
+            "new_flow_local",
+            &mut sz.new_local,
+            Reason::FwdLocal,
+            NEW_FLOW_REPEAT,
+        ),
+        (
+            "new_flow_tunnel",
+            &mut sz.new_tunnel,
+            Reason::FwdTunnel,
+            NEW_FLOW_REPEAT,
+        ),
+        (
+            "new_flow_snat",
+            &mut sz.new_snat,
+            Reason::FwdRemote,
+            SNAT_FLOW_REPEAT,
+        ),
+    ] {
+        if args.wants(case) {
+            let ns = harness_run(dp, input, repeat, reason)?;
+            input.counter += u64::from(repeat);
+            sz.new_flows += u64::from(repeat);
+            out.push((case, ns));
+        }
+    }
+    if args.wants("ct_hit_tunnel") {
+        // The flow's SYN through the real program (once: later rounds find its entry), then
+        // its ACK on every repeat.
+        let (v, _) = dp.test_run_xdp(&sz.tunnel_syn)?;
+        ensure!(v == XDP_REDIRECT, "ct_hit_tunnel: the SYN's verdict {v}");
+        let ns = harness_run(dp, &sz.ct_tunnel, r, Reason::FwdTunnel)?;
+        out.push(("ct_hit_tunnel", ns));
+    }
+    if args.wants("decap_tunnel") {
+        let ns = harness_run(dp, &sz.decap, r, Reason::TunnelIn)?;
+        out.push(("decap_tunnel", ns));
+    }
+    if args.wants("decap_tunnel_new") {
+        let ns = harness_run(dp, &sz.decap_new, NEW_FLOW_REPEAT, Reason::TunnelIn)?;
+        sz.decap_new.counter += u64::from(NEW_FLOW_REPEAT);
+        sz.returns += u64::from(NEW_FLOW_REPEAT);
+        out.push(("decap_tunnel_new", ns));
     }
     if args.wants("ref_ct_insert") {
-        // One LRU insert per repeat into the emptied CONNTRACK (DROP if one failed), fewer
-        // repeats than a CPU's share of the map, so nothing is evicted (neither is in new_flow).
-        dp.flush_flows()?;
-        let inserts = ref_insert_repeat(args.ct_entries);
-        let (v, d) = dp.bench_reference("lb_ref_ct_insert", &sz.arp, inserts)?;
+        // One LRU insert of a random key per repeat (DROP if one failed), into never-used
+        // entries like the new-flow cases.
+        let (v, d) = dp.bench_reference("lb_ref_ct_insert", &sz.arp, NEW_FLOW_REPEAT)?;
         ensure!(
             v == XDP_PASS,
             "ref_ct_insert: verdict {v} (an insert failed)"
         );
-        let flows = dp.conntrack()?.len();
-        // Random keys: a handful may coincide.
-        ensure!(
-            flows as u32 >= inserts - inserts / 100,
-            "ref_ct_insert: {flows} entries after {inserts} inserts"
-        );
+        sz.random_inserts += u64::from(NEW_FLOW_REPEAT);
         out.push(("ref_ct_insert", d.as_nanos() as f64));
     }
     if args.wants("mem_random_read") {
         out.push(("mem_random_read", chase.ns_per_read()));
     }
-    // Restore the ct_hit fixed point's entry for the next round.
-    dp.flush_flows()?;
+    // The ct_hit fixed point's entry as it was (a repeat may have refreshed its stamp).
     dp.set_conntrack(&sz.ct_entry.0, &sz.ct_entry.1)?;
     Ok(out)
+}
+
+/// After all rounds: every new flow's entry is still in CONNTRACK (and every decapsulated
+/// new flow's in RETURNS), so every repeat of those cases inserted a key of its own and
+/// nothing was evicted. Random ref_ct_insert keys may coincide (a handful in a million).
+fn check_flows(sz: &Size) -> Result<()> {
+    let flows = sz.dp.conntrack()?.len() as u64;
+    // + the ct_hit and ct_hit_tunnel flows.
+    let least = sz.new_flows + sz.random_inserts - sz.random_inserts / 100 + 2;
+    ensure!(
+        flows >= least && flows <= sz.new_flows + sz.random_inserts + 2,
+        "{} services: CONNTRACK holds {flows} flows, expected {least}..={} \
+         (a new-flow repeat that was not a new flow, or an eviction)",
+        sz.n,
+        sz.new_flows + sz.random_inserts + 2
+    );
+    let returns = sz.dp.returns()?.len() as u64;
+    ensure!(
+        returns == sz.returns + 1,
+        "{} services: RETURNS holds {returns}, expected {} (decap_tunnel_new's flows and decap_tunnel's)",
+        sz.n,
+        sz.returns + 1
+    );
+    eprintln!(
+        "  {} services: {flows} flows and {returns} returns, none evicted",
+        sz.n
+    );
+    Ok(())
 }
 
 /// Bytes of the mem_random_read buffer: twice this machine's L3 (32 MiB), so reads miss.
@@ -415,7 +654,7 @@ const CHASE_READS: usize = 2_000_000;
 /// mem_random_read: one dependent read at a random place of a buffer larger than the
 /// last-level cache, from userspace. A new flow's map inserts land at random places of
 /// tables this large (CONNTRACK and REVNAT are 262 144 entries each), so this is the
-/// memory floor under ref_ct_insert and new_flow on this machine.
+/// memory floor under ref_ct_insert and the new flows on this machine.
 struct Chase {
     next: Vec<u32>,
 }
@@ -454,6 +693,30 @@ fn main() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the XDP benchmark needs root (BPF_PROG_TEST_RUN): run it through `cargo xtask bench xdp`");
     }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu = args.cpu.unwrap_or(cpus - 1);
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread (the only one).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
+        }
+    }
+    // Nothing may be evicted: every insert of every round must fit in the pinned CPU's
+    // share of the per-CPU LRU lists (entries / possible CPUs).
+    let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|s| s.trim().rsplit(['-', ',']).next()?.parse::<u64>().ok())
+        .map_or(cpus as u64, |last| last + 1);
+    let inserts = args.runs as u64 * 4 * u64::from(NEW_FLOW_REPEAT) + 2;
+    ensure!(
+        inserts <= u64::from(args.ct_entries) / possible,
+        "{} runs insert {inserts} flows per size, more than one CPU's share of {} conntrack \
+         entries over {possible} CPUs: raise --ct-entries or lower --runs",
+        args.runs,
+        args.ct_entries
+    );
     // All sizes stay loaded and are measured in alternation, so drift on a shared machine
     // (other load, frequency) hits every size alike and the ratios stay fair.
     let mut sizes = args
@@ -470,6 +733,9 @@ fn main() -> Result<()> {
             }
         }
         eprintln!("  round {}/{} done", r + 1, args.runs);
+    }
+    for sz in &sizes {
+        check_flows(sz)?;
     }
     let mut cases = Vec::new();
     let mut reference = Vec::new();
@@ -502,7 +768,7 @@ fn main() -> Result<()> {
     }
 
     println!(
-        "{:<15} {:>9} {:>12} {:>10} {:>10} {:>16}",
+        "{:<17} {:>9} {:>12} {:>10} {:>10} {:>16}",
         "case", "services", "ns/packet", "min", "max", "net of harness"
     );
     for c in reference.iter().chain(&cases) {
@@ -512,7 +778,7 @@ fn main() -> Result<()> {
             .net_ns_per_packet
             .map_or_else(|| "-".to_string(), |n| format!("{n:.1}"));
         println!(
-            "{:<15} {:>9} {:>12.1} {:>10.1} {:>10.1} {:>16}",
+            "{:<17} {:>9} {:>12.1} {:>10.1} {:>10.1} {:>16}",
             c.name, c.services, c.ns_per_packet, min, max, net
         );
     }
@@ -521,7 +787,7 @@ fn main() -> Result<()> {
         let last = cases.iter().rev().find(|c| c.name == name)?;
         Some((last.ns_per_packet / first.ns_per_packet - 1.0) * 100.0)
     };
-    for name in ["ct_hit", "new_flow", "non_service"] {
+    for name in ["ct_hit", "new_flow_local", "new_flow_tunnel", "non_service"] {
         if let Some(g) = growth(name) {
             println!(
                 "{name}: {g:+.1}% from {} to {} services",
