@@ -104,6 +104,15 @@ impl LabArgs {
         }
     }
 
+    /// `--remote-mode` as the agent spells it (`tunnel`, `snat`).
+    pub fn remote_mode_label(&self) -> String {
+        use clap::ValueEnum;
+        self.remote_mode.to_possible_value().map_or_else(
+            || format!("{:?}", self.remote_mode),
+            |v| v.get_name().to_string(),
+        )
+    }
+
     pub fn validate(&self) -> Result<()> {
         ensure!(
             (1..=8).contains(&self.nodes),

@@ -19,7 +19,7 @@ use lb_tests::topology::TopologySpec;
 use crate::cli::LabArgs;
 use crate::interrupt::{check_interrupted, sleep};
 use crate::machine::enable_bpf_stats;
-use crate::paths::path_source;
+use crate::paths::path_sources;
 use crate::progress::Progress;
 use crate::report::{LabFootprint, PATHS};
 use crate::workload::Extra;
@@ -104,9 +104,11 @@ impl Cluster {
         )
         .context("client sysctls")?;
         for path in PATHS {
-            let addr = format!("{}/32", path_source(path));
-            netns::ip(&["-n", t.client_ns(), "addr", "add", &addr, "dev", "eth0"])
-                .with_context(|| format!("adding the {path} client address"))?;
+            for source in path_sources(path, lab.node_count()) {
+                let addr = format!("{source}/32");
+                netns::ip(&["-n", t.client_ns(), "addr", "add", &addr, "dev", "eth0"])
+                    .with_context(|| format!("adding the {path} client address {source}"))?;
+            }
         }
         for node in 0..lab.node_count() {
             let ns = t.node_ns(node);

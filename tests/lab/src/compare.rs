@@ -126,6 +126,7 @@ fn run_compare(
         replicas: c.lab.replicas,
         services: c.lab.services,
         kube_proxy_mode: c.lab.mode().label(),
+        remote_mode: c.lab.remote_mode_label(),
         kubernetes_version: lb_tests::controlplane::DEFAULT_K8S_VERSION.into(),
         duration_s: c.duration,
         connections: c.connections,

@@ -54,10 +54,17 @@ pub struct LoadSpec {
     pub duration: Duration,
     /// Limit per connect and per request read or write.
     pub timeout: Duration,
-    /// The client address to connect from (one of the namespace's own); None lets the
-    /// kernel choose. Lets each measured path use its own address so no TCP tuple is
-    /// shared between paths.
-    pub source: Option<Ipv4Addr>,
+    /// The client addresses to connect from (the namespace's own): `targets[i]` is reached
+    /// from `sources[i % len]`; empty lets the kernel choose. Lets each measured path (and
+    /// each frontend of one) use its own address, so no TCP tuple is shared between them.
+    pub sources: Vec<Ipv4Addr>,
+}
+
+impl LoadSpec {
+    /// The source for `targets[i]` (None: the kernel's choice).
+    fn source_for(&self, i: usize) -> Option<Ipv4Addr> {
+        (!self.sources.is_empty()).then(|| self.sources[i % self.sources.len()])
+    }
 }
 
 /// What a run measured. Only requests that started inside the measured period count.
@@ -345,18 +352,18 @@ fn client_thread(index: usize, sh: &Shared) -> Tally {
     let mut tally = Tally::default();
     let mut conn: Option<Conn> = None;
     while !sh.stop.load(Ordering::Relaxed) && Instant::now() < sh.until {
-        let target = match spec.mode {
-            Mode::KeepAlive => spec.targets[index % spec.targets.len()],
+        let ti = match spec.mode {
+            Mode::KeepAlive => index % spec.targets.len(),
             Mode::NewConnection => {
-                let i = sh.next_target.fetch_add(1, Ordering::Relaxed);
-                spec.targets[i % spec.targets.len()]
+                sh.next_target.fetch_add(1, Ordering::Relaxed) % spec.targets.len()
             }
         };
+        let target = spec.targets[ti];
         // NewConnection times connect + request; KeepAlive only the request.
         let mut start = Instant::now();
         let result = match conn.as_mut() {
             Some(c) => c.request(keep_alive),
-            None => Conn::open(target, spec.source, spec.timeout).and_then(|c| {
+            None => Conn::open(target, spec.source_for(ti), spec.timeout).and_then(|c| {
                 if keep_alive {
                     start = Instant::now();
                 }
@@ -790,7 +797,7 @@ mod tests {
 
     fn spec(targets: Vec<SocketAddrV4>, mode: Mode) -> LoadSpec {
         LoadSpec {
-            source: None,
+            sources: Vec::new(),
             targets,
             mode,
             connections: 2,
@@ -824,18 +831,25 @@ mod tests {
     }
 
     #[test]
-    fn connections_come_from_the_given_source_address() {
-        let pod = TestPod::start("pod-src");
-        let source = Ipv4Addr::new(127, 0, 0, 2);
+    fn each_target_is_reached_from_its_own_source_address() {
+        let (a, b) = (TestPod::start("pod-a"), TestPod::start("pod-b"));
+        let sources = vec![Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3)];
         for mode in [Mode::KeepAlive, Mode::NewConnection] {
             let r = run(&LoadSpec {
-                source: Some(source),
-                ..spec(vec![pod.addr], mode)
+                sources: sources.clone(),
+                ..spec(vec![a.addr, b.addr], mode)
             })
             .unwrap();
             assert!(r.requests > 0 && r.errors == 0, "{:?}", r.first_errors);
-            let seen: Vec<Ipv4Addr> = r.client_seen.keys().map(|k| k.2).collect();
-            assert!(seen.iter().all(|ip| *ip == source), "{seen:?}");
+            // (pod, target address, client address the pod saw): target i from sources[i].
+            let seen: BTreeMap<&str, Ipv4Addr> =
+                r.client_seen.keys().map(|k| (k.0.as_str(), k.2)).collect();
+            assert_eq!(
+                seen,
+                BTreeMap::from([("pod-a", sources[0]), ("pod-b", sources[1])]),
+                "{mode:?}: {:?}",
+                r.client_seen
+            );
         }
     }
 

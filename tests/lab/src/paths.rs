@@ -1,6 +1,7 @@
 //! Measuring one path (instance, xdp or ip): its targets, the load on it, and everything
 //! observed while the load ran, into a [`PathResult`].
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
@@ -16,14 +17,26 @@ use crate::progress::Progress;
 use crate::report::PathResult;
 use lb_user::node::options::RemoteMode;
 
-/// Each path's load comes from its own client address (added to the client namespace), so
-/// no TCP tuple is shared between paths: a port reused across paths within seconds would
+/// Each path's load comes from its own client addresses (added to the client namespace),
+/// so no TCP tuple is shared between paths: a port reused across paths within seconds would
 /// meet the pod's TIME_WAIT (with another path's timestamps) or a closing flow of lbx.
-pub(crate) fn path_source(path: &str) -> Ipv4Addr {
+/// The xdp path has one per node frontend (`targets[i]` from `sources[i % len]`, see
+/// [`LoadSpec::sources`]): it keeps the client's address, so flows through two nodes to
+/// one pod share the pod's side of the tuple, and the client's kernel picks ports per
+/// destination; with one address a port it reuses towards n1 while the pod still holds
+/// it in TIME_WAIT from n0 costs a SYN retry (about 10 ms) in ip-mode-like delivery. Real
+/// clients behind a load balancer are many addresses; ip mode's and instance mode's
+/// (whose pods see the node) tuples never meet that way. See the README's "Tunnel delivery".
+pub(crate) fn path_sources(path: &str, nodes: usize) -> Vec<Ipv4Addr> {
     match path {
-        "instance" => Ipv4Addr::new(10, 77, 0, 101),
-        "xdp" => Ipv4Addr::new(10, 77, 0, 102),
-        _ => Ipv4Addr::new(10, 77, 0, 103),
+        "instance" => vec![Ipv4Addr::new(10, 77, 0, 101)],
+        "xdp" => (0..nodes.max(1))
+            .map(|n| match n {
+                0 => Ipv4Addr::new(10, 77, 0, 102),
+                n => Ipv4Addr::new(10, 77, 0, 103 + n as u8),
+            })
+            .collect(),
+        _ => vec![Ipv4Addr::new(10, 77, 0, 103)],
     }
 }
 
@@ -74,10 +87,12 @@ impl Cluster {
         r.hops_remote = remote;
         r.hops = local.max(remote).unwrap_or(0);
 
-        let source = path_source(path);
-        // The path's client address and the agents' SNAT addresses: a remote xdp delivery
+        let sources = path_sources(path, self.lab.node_count());
+        // The path's client addresses and the agents' SNAT addresses: a remote xdp delivery
         // reaches the owning node from the latter, and counts there if netfilter sees it.
-        let probe_sources: Vec<Ipv4Addr> = std::iter::once(source)
+        let probe_sources: Vec<Ipv4Addr> = sources
+            .iter()
+            .copied()
             .chain((0..self.lab.node_count()).map(|n| self.lab.snat_addr(n)))
             .collect();
         let probes: Vec<NftProbe> = (0..self.lab.node_count())
@@ -90,7 +105,7 @@ impl Cluster {
             })
             .collect::<Result<_, _>>()?;
         let spec = |mode, secs: f64| LoadSpec {
-            source: Some(source),
+            sources: sources.clone(),
             targets: targets.clone(),
             mode,
             connections: c.connections,
@@ -115,7 +130,9 @@ impl Cluster {
         ));
         // The path's own client address, and the agents' SNAT addresses (its remote flows
         // cross the owning node's stack with those).
-        let ct_sources: Vec<Ipv4Addr> = std::iter::once(source)
+        let ct_sources: Vec<Ipv4Addr> = sources
+            .iter()
+            .copied()
             .chain((0..self.lab.node_count()).map(scenario::snat_addr_of))
             .collect();
         wait_quiet()?;
@@ -174,7 +191,12 @@ impl Cluster {
         r.latency_cdf = ka.cdf(200);
         r.new_conn_latency_cdf = nc.cdf(200);
 
-        let client = source;
+        // The client address each target was reached from (what the pod should see).
+        let client_of: BTreeMap<Ipv4Addr, Ipv4Addr> = targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (*t.ip(), sources[i % sources.len()]))
+            .collect();
         let mut seen_client = 0u64;
         let mut all = 0u64;
         let mut local_total = 0u64;
@@ -186,13 +208,14 @@ impl Cluster {
             for ((pod, target_ip, seen), n) in &res.client_seen {
                 *r.client_ips_seen.entry(seen.to_string()).or_default() += n;
                 all += n;
-                if *seen == client {
+                let client = client_of.get(target_ip).copied();
+                if Some(*seen) == client {
                     seen_client += n;
                 }
                 let is_local = path == "ip" || self.node_of_addr(*target_ip) == self.pod_node(pod);
                 if is_local {
                     local_total += n;
-                    if *seen == client {
+                    if Some(*seen) == client {
                         local_kept += n;
                     }
                 }

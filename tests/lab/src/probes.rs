@@ -15,7 +15,7 @@ use lb_tests::scenario::{TCP_NODE_PORT, TCP_TARGET_PORT};
 
 use crate::cluster::Cluster;
 use crate::loadgen::{self, HopProbe};
-use crate::paths::path_source;
+use crate::paths::path_sources;
 use crate::report::LbTarget;
 use crate::workload::{UI_NS, UI_SERVICE};
 
@@ -129,7 +129,7 @@ impl Cluster {
             // A pod target is one pod; a node target reaches every replica (Cluster policy).
             let pods = if path == "ip" { 1 } else { self.replicas.len() };
             let probe = HopProbe {
-                source: Some(path_source(path)),
+                source: path_sources(path, self.lab.node_count()).first().copied(),
                 target,
                 max_ttl: 6,
                 tries: 4 * pods,

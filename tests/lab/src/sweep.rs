@@ -10,7 +10,7 @@ use crate::cli::CompareArgs;
 use crate::cluster::Cluster;
 use crate::loadgen::{LoadSpec, Mode};
 use crate::machine::wait_quiet;
-use crate::paths::path_source;
+use crate::paths::path_sources;
 use crate::progress::Progress;
 use crate::report::{median, SweepPoint};
 
@@ -49,7 +49,7 @@ impl Cluster {
                 let waited = wait_quiet()?;
                 let reasons0 = self.xdp_reasons()?;
                 let res = self.load(LoadSpec {
-                    source: Some(path_source(path)),
+                    sources: path_sources(path, self.lab.node_count()),
                     targets: self.targets_of(path)?,
                     mode: Mode::NewConnection,
                     connections: c.connections,

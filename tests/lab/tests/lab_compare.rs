@@ -19,9 +19,10 @@ use lbx_lab::report::{LabFootprint, LabReport, PATHS};
 
 const LAB: &str = env!("CARGO_BIN_EXE_lbx-lab");
 
-/// The per-path client addresses lbx-lab uses (see `path_source` in src/paths.rs).
+/// The per-path client addresses lbx-lab uses (see `path_sources` in src/paths.rs).
 const INSTANCE_SOURCE: &str = "10.77.0.101";
-const XDP_SOURCE: &str = "10.77.0.102";
+/// The xdp path's client addresses, one per node frontend (`paths::path_sources`).
+const XDP_SOURCES: [&str; 2] = ["10.77.0.102", "10.77.0.104"];
 const IP_SOURCE: &str = "10.77.0.103";
 
 fn out_dir(name: &str) -> PathBuf {
@@ -151,7 +152,7 @@ fn compare_measures_three_paths_and_tears_everything_down() {
     assert!(xdp.client_ip_preserved, "{:?}", xdp.client_ips_seen);
     assert_eq!(
         xdp.client_ips_seen.keys().collect::<Vec<_>>(),
-        [XDP_SOURCE],
+        XDP_SOURCES,
         "xdp: pods saw {:?}",
         xdp.client_ips_seen
     );

@@ -53,6 +53,9 @@ pub struct Meta {
     pub services: usize,
     /// `iptables` (with its backend, e.g. `iptables (legacy)`), `nftables` or `ipvs`.
     pub kube_proxy_mode: String,
+    /// How the xdp path reaches a pod on another node (`--remote-mode`): `tunnel` or `snat`.
+    #[serde(default)]
+    pub remote_mode: String,
     pub kubernetes_version: String,
     /// Seconds of load per measurement (after the warm-up).
     pub duration_s: f64,

@@ -314,7 +314,10 @@ fn lb_targets_table(p: &PathResult) -> Table {
 /// The terminal report: per-path load and cost tables, the sweep, the targets and the
 /// registered load-balancer targets of each path. Plain ASCII, no colours.
 pub fn table(r: &LabReport) -> String {
-    let mut out = String::from("Load (keep-alive latency; NEW = one connection per request)\n");
+    let mut out = format!(
+        "Remote delivery on the xdp path (--remote-mode): {}\nLoad (keep-alive latency; NEW = one connection per request)\n",
+        r.meta.remote_mode
+    );
     out += &load_table(r).text("");
     out += "\nPath properties and cost (CPU: whole machine; KA = keep-alive)\n";
     out += &cost_table(r).text("");
@@ -790,6 +793,7 @@ pub fn html(r: &LabReport) -> String {
         ("Replicas", m.replicas.to_string()),
         ("Services", m.services.to_string()),
         ("kube-proxy mode", escape(&m.kube_proxy_mode)),
+        ("lbx remote delivery (xdp path)", escape(&m.remote_mode)),
         ("Kubernetes", escape(&m.kubernetes_version)),
         (
             "Duration per measurement",
@@ -894,6 +898,7 @@ mod tests {
                 kernel: "6.18.0".into(),
                 cpus: 2,
                 nodes: 3,
+                remote_mode: "tunnel".into(),
                 notes: vec!["<b>&\"".into()],
                 ..Default::default()
             },
@@ -1037,6 +1042,7 @@ mod tests {
             "2 (local 1, remote 2)",
             "no (33.3%)",
             "yes (100.0%)",
+            "Remote delivery on the xdp path (--remote-mode): tunnel",
             "310",
             "7.25",
             "20.0",
