@@ -33,7 +33,8 @@
 //!   new_flow_syn the new flows go into never-used entries of a 4M-entry table (nothing is
 //!   flushed between rounds), on one pinned CPU (`--cpu`, default the last). An earlier
 //!   version flushed the tables between runs, so its inserts reused freed entries in hash
-//!   order: about 1.5x slower here, a different (steady-state-like) condition.
+//!   order, a different (steady-state-like) condition: new_flow_local 1.4-1.6x slower in
+//!   an earlier sitting of the same day (not an A/B).
 //! - empty_program / floor: the harness cost (a program that only returns XDP_PASS) and the
 //!   program's shortest path (an ARP frame), for reference.
 //! - ref_ct_lookup / ref_ct_insert: the object's reference programs (never attached): the
