@@ -36,7 +36,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    Config, CtEntry, CtKey, Reason, ReturnEntry, BE_LOCAL, BE_TUNNEL, CFG_TUNNEL, CT_SNAT,
+    hash::tunnel_entropy, Config, CtEntry, CtKey, Reason, ReturnEntry, BE_LOCAL, BE_TUNNEL, CFG_TUNNEL, CT_SNAT,
     CT_TUNNEL, FOU_OVERHEAD, IPIP_OVERHEAD, PEER_TUNNEL, PROTO_UDP, RET_FOU, REV_SNAT,
 };
 
@@ -227,7 +227,8 @@ fn dnat_and_encap(
     be: &lb_common::Backend,
     ingress: u32,
 ) -> Result<(u32, Reason), Reason> {
-    let e = Encap::of(cfg, be.node_addr, lb::packet_hash(p));
+    let k = &p.key;
+    let e = Encap::of(cfg, be.node_addr, tunnel_entropy(k.saddr, k.daddr, k.sport, k.dport));
     let overhead = e.overhead() as u16;
     if cfg.tunnel_mtu != 0 && p.tot_len.saturating_add(overhead) > cfg.tunnel_mtu {
         if !p.df {
@@ -527,7 +528,7 @@ fn icmp_in(ctx: &XdpContext, cfg: &Config, ip: &Ip) -> Result<(u32, Reason), Rea
     if be.flags & BE_TUNNEL != 0 && be.flags & BE_LOCAL == 0 {
         let tot_len: *const Ipv4Hdr = ptr_at(ctx, e.l3_off).ok_or(Reason::PassInternal)?;
         let (len, tos) = unsafe { (u16::from_be((*tot_len).tot_len), (*tot_len).tos) };
-        let enc = Encap::of(cfg, be.node_addr, q.sport as u32 ^ q.daddr);
+        let enc = Encap::of(cfg, be.node_addr, (q.sport as u32 ^ q.daddr) as u16);
         tunnel::encap_xdp(ctx, e.l3_off, len, tos, &enc, &be.dmac, &be.smac)?;
     } else {
         set_macs(ctx, &be.dmac, &be.smac)?;
@@ -653,7 +654,7 @@ fn tunnel_reply(
         saddr: cfg.tunnel_addr,
         daddr: ret.peer,
         port: cfg.tunnel_port,
-        entropy: lb::packet_hash(p) as u16,
+        entropy: tunnel_entropy(p.key.saddr, p.key.daddr, p.key.sport, p.key.dport),
     };
     let overhead = e.overhead() as u16;
     let gso = unsafe { (*ctx.skb.skb).gso_size };

@@ -44,13 +44,13 @@ pub struct Encap {
 
 impl Encap {
     #[inline(always)]
-    pub fn of(cfg: &Config, daddr: u32, entropy: u32) -> Encap {
+    pub fn of(cfg: &Config, daddr: u32, entropy: u16) -> Encap {
         Encap {
             fou: cfg.flags & CFG_TUNNEL_FOU != 0,
             saddr: cfg.tunnel_addr,
             daddr,
             port: cfg.tunnel_port,
-            entropy: entropy as u16,
+            entropy,
         }
     }
 

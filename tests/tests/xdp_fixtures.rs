@@ -9,8 +9,8 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{
-    hash::flow_hash, port_be, AffinityEntry, AffinityKey, Reason, BE_TERMINATING, PROTO_TCP,
-    PROTO_UDP,
+    hash::{flow_hash, tunnel_entropy},
+    port_be, AffinityEntry, AffinityKey, Reason, BE_TERMINATING, PROTO_TCP, PROTO_UDP,
 };
 use lb_tests::{
     fixture::*,
@@ -453,15 +453,10 @@ fn mss(v: u16) -> [u8; 4] {
     [2, 4, b[0], b[1]]
 }
 
-/// The entropy the program puts in a flow's outer headers: the packet's flow hash.
-fn entropy(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> u16 {
-    flow_hash(
-        &addr(src),
-        &addr(dst),
-        port_be(sport),
-        port_be(dport),
-        proto,
-    ) as u16
+/// The entropy the program puts in a flow's outer headers ([`tunnel_entropy`] of the
+/// packet as it arrived).
+fn entropy(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> u16 {
+    tunnel_entropy(addr(src)[0], addr(dst)[0], port_be(sport), port_be(dport))
 }
 
 /// `inner` (a frame) IP-in-IP encapsulated from `from` to `to`, as lbx writes it: outer ID
@@ -507,7 +502,7 @@ fn tunnel_rows() -> Vec<Row> {
     let to_node1 = (NIC_MAC, NODE1_MAC);
     let from_node1 = (NODE1_MAC, NIC_MAC);
     let syn = tcp_syn(NODE, 30083).tcp_options(&MSS_1460);
-    let e_syn = entropy(CLIENT, 40000, NODE, 30083, PROTO_TCP);
+    let e_syn = entropy(CLIENT, 40000, NODE, 30083);
     let dnat = |p: Packet| p.ip_dst(POD_T).dport(8080).ttl(63);
     let mss_ipip = TUNNEL_MTU - 20 - 40;
     // On node 1's side: what node 0 tunnelled to our pod POD_A (node 1 is "this" node here).
@@ -524,7 +519,7 @@ fn tunnel_rows() -> Vec<Row> {
         .syn()
         .ack()
         .tcp_options(&MSS_1460);
-    let e_reply = entropy(POD_A, 8080, CLIENT, 40000, PROTO_TCP);
+    let e_reply = entropy(POD_A, 8080, CLIENT, 40000);
     // A reply node 1 tunnels back for a flow we hold (its request was `syn`).
     let remote_reply = client()
         .ipv4(POD_T, CLIENT)
@@ -568,7 +563,7 @@ fn tunnel_rows() -> Vec<Row> {
                     .ipv4(NODE, NODE1)
                     .tos(0x28)
                     .ip_proto(lb_tests::packet::IPPROTO_IPIP)
-                    .ip_id(entropy(CLIENT, 40001, NODE, 30083, PROTO_UDP).swap_bytes())
+                    .ip_id(entropy(CLIENT, 40001, NODE, 30083).swap_bytes())
                     .payload(&datagram(&client().ipv4(CLIENT, POD_T).tos(0x28).ttl(63).udp(40001, 5353).payload(b"ping").build()))
                     .build(),
             ),
@@ -580,7 +575,7 @@ fn tunnel_rows() -> Vec<Row> {
             input: tcp_syn(NODE, 30083).sport(40010).build(),
             expect_verdict: XDP_REDIRECT,
             expect_reason: Reason::FwdTunnel,
-            expect: Some(ipip(to_node1, NODE, NODE1, entropy(CLIENT, 40010, NODE, 30083, PROTO_TCP), &dnat(tcp_syn(NODE, 30083).sport(40010)))),
+            expect: Some(ipip(to_node1, NODE, NODE1, entropy(CLIENT, 40010, NODE, 30083), &dnat(tcp_syn(NODE, 30083).sport(40010)))),
         },
         Row {
             description: "tunnel: syn whose MSS already fits keeps it",
@@ -589,7 +584,7 @@ fn tunnel_rows() -> Vec<Row> {
             input: tcp_syn(NODE, 30083).sport(40011).tcp_options(&mss(1200)).build(),
             expect_verdict: XDP_REDIRECT,
             expect_reason: Reason::FwdTunnel,
-            expect: Some(ipip(to_node1, NODE, NODE1, entropy(CLIENT, 40011, NODE, 30083, PROTO_TCP), &dnat(tcp_syn(NODE, 30083).sport(40011).tcp_options(&mss(1200))))),
+            expect: Some(ipip(to_node1, NODE, NODE1, entropy(CLIENT, 40011, NODE, 30083), &dnat(tcp_syn(NODE, 30083).sport(40011).tcp_options(&mss(1200))))),
         },
         Row {
             description: "tunnel: syn with the MSS after other options keeps it (only a first MSS option is clamped)",
@@ -598,7 +593,7 @@ fn tunnel_rows() -> Vec<Row> {
             input: tcp_syn(NODE, 30083).sport(40012).tcp_options(&[1, 1, 2, 4, 0x05, 0xb4]).build(),
             expect_verdict: XDP_REDIRECT,
             expect_reason: Reason::FwdTunnel,
-            expect: Some(ipip(to_node1, NODE, NODE1, entropy(CLIENT, 40012, NODE, 30083, PROTO_TCP), &dnat(tcp_syn(NODE, 30083).sport(40012).tcp_options(&[1, 1, 2, 4, 0x05, 0xb4])))),
+            expect: Some(ipip(to_node1, NODE, NODE1, entropy(CLIENT, 40012, NODE, 30083), &dnat(tcp_syn(NODE, 30083).sport(40012).tcp_options(&[1, 1, 2, 4, 0x05, 0xb4])))),
         },
         Row {
             description: "tunnel: a request too big for the tunnel with DF: ICMP fragmentation-needed (MTU 1480) from the frontend, back out",
@@ -929,7 +924,7 @@ fn fou_rows() -> Vec<Row> {
             input: syn.build(),
             expect_verdict: XDP_REDIRECT,
             expect_reason: Reason::FwdTunnel,
-            expect: Some(fou(to_node1, NODE, NODE1, entropy(CLIENT, 40000, NODE, 30083, PROTO_TCP), &syn.clone().ip_dst(POD_T).dport(8080).ttl(63).tcp_options(&mss(mss_fou)))),
+            expect: Some(fou(to_node1, NODE, NODE1, entropy(CLIENT, 40000, NODE, 30083), &syn.clone().ip_dst(POD_T).dport(8080).ttl(63).tcp_options(&mss(mss_fou)))),
         },
         Row {
             description: "fou: a request that fits IP-in-IP but not FOU: fragmentation-needed with MTU 1472",
@@ -965,7 +960,7 @@ fn fou_rows() -> Vec<Row> {
             input: pod_reply.build(),
             expect_verdict: TC_ACT_REDIRECT,
             expect_reason: Reason::TunnelReply,
-            expect: Some(fou(to_node1, NODE, NODE1, entropy(POD_A, 8080, CLIENT, 40000, PROTO_TCP), &pod_reply.clone().ttl(63).tcp_options(&mss(mss_fou)))),
+            expect: Some(fou(to_node1, NODE, NODE1, entropy(POD_A, 8080, CLIENT, 40000), &pod_reply.clone().ttl(63).tcp_options(&mss(mss_fou)))),
         },
         Row {
             description: "fou: a reply of a flow we hold, back over FOU: decapsulated, reverse-NATed to the client",
