@@ -1693,8 +1693,17 @@ impl Lab {
             let snat = if self.spec.dedicated_snat {
                 let snat = snat_addr_of(node);
                 let ns = self.topology().node_ns(node);
-                netns::ip(&["-n", ns, "addr", "add", &format!("{snat}/32"), "dev", NIC])
-                    .map_err(netns_err("adding the node's SNAT address"))?;
+                // `replace`: a restarted agent finds the address in place.
+                netns::ip(&[
+                    "-n",
+                    ns,
+                    "addr",
+                    "replace",
+                    &format!("{snat}/32"),
+                    "dev",
+                    NIC,
+                ])
+                .map_err(netns_err("adding the node's SNAT address"))?;
                 snat.to_string()
             } else {
                 addr.clone()
@@ -1806,6 +1815,23 @@ impl Lab {
     }
 
     /// Node `node`'s agent log (labs with [`LabSpec::quiet`] or `detachable`).
+    /// Stops every agent (they detach and unpin) and starts them again with `agent_args`
+    /// in place of the spec's, waiting for each to be ready; pods, namespaces and the
+    /// control plane stay. The new agents start with empty maps: flows the old ones held
+    /// are not carried over (no hitless restart yet), so callers restart between loads.
+    pub fn restart_agents(&mut self, agent_args: Vec<String>) -> Result<(), ScenarioError> {
+        for agent in std::mem::take(&mut self.agents) {
+            let Agent { proc, pin_dir, .. } = agent;
+            proc.stop();
+            if pin_dir.exists() {
+                std::fs::remove_dir_all(&pin_dir)
+                    .map_err(io_err("removing the agent's pins", &pin_dir))?;
+            }
+        }
+        self.spec.agent_args = agent_args;
+        self.start_agents()
+    }
+
     pub fn agent_log(&self, node: usize) -> Option<PathBuf> {
         self.logs(&format!("agent-{}", node_name(node))).stderr
     }

@@ -116,10 +116,12 @@ pub const PLAN: &[GuestStep] = &[
     GuestStep::LibTest {
         target: "netns_tunnel",
         // Tunnel delivery needs bpf_skb_adjust_room's encapsulation flags and XDP head
-        // adjustment on each kernel; the bulk transfers (15 MB each) and the closed-port
-        // ICMP test are left to the host.
+        // adjustment on each kernel, and the ICMP error of a tunnelled flow is built and
+        // translated by both programs (TC on the owning node, XDP on the one holding the
+        // flow); the bulk transfers (15 MB each, slow under TCG) are left to the host.
         selection: Selection::Only(&[
             "pods_on_the_other_node_see_the_client_through_the_tunnel_and_netfilter_sees_nothing",
+            "a_closed_udp_port_on_a_pod_behind_the_tunnel_refuses_the_client",
         ]),
     },
 ];

@@ -84,6 +84,11 @@ pub struct CompareArgs {
     /// Concurrent client connections (threads).
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
+    /// Measure the xdp path in `--remote-mode` only. By default the agents are also
+    /// restarted in the other mode (tunnel <-> snat) to measure the xdp path and the sweep
+    /// once more, reported beside the others as path `xdp-snat` (or `xdp-tunnel`).
+    #[arg(long)]
+    pub one_remote_mode: bool,
     /// Write the report as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -93,6 +98,28 @@ pub struct CompareArgs {
     /// Also write the three plots as standalone SVG files into this directory.
     #[arg(long, value_name = "DIR")]
     pub svg_dir: Option<PathBuf>,
+}
+
+/// A `--remote-mode` as the agent spells it (`tunnel`, `snat`).
+pub fn mode_label(mode: RemoteMode) -> String {
+    use clap::ValueEnum;
+    mode.to_possible_value()
+        .map_or_else(|| format!("{mode:?}"), |v| v.get_name().to_string())
+}
+
+/// The remote mode that is not `mode`.
+pub fn other_mode(mode: RemoteMode) -> RemoteMode {
+    match mode {
+        RemoteMode::Tunnel => RemoteMode::Snat,
+        RemoteMode::Snat => RemoteMode::Tunnel,
+    }
+}
+
+impl CompareArgs {
+    /// The second remote mode the xdp path is measured in, unless `--one-remote-mode`.
+    pub fn other_remote_mode(&self) -> Option<RemoteMode> {
+        (!self.one_remote_mode).then(|| other_mode(self.lab.remote_mode))
+    }
 }
 
 impl LabArgs {
@@ -106,11 +133,7 @@ impl LabArgs {
 
     /// `--remote-mode` as the agent spells it (`tunnel`, `snat`).
     pub fn remote_mode_label(&self) -> String {
-        use clap::ValueEnum;
-        self.remote_mode.to_possible_value().map_or_else(
-            || format!("{:?}", self.remote_mode),
-            |v| v.get_name().to_string(),
-        )
+        mode_label(self.remote_mode)
     }
 
     pub fn validate(&self) -> Result<()> {

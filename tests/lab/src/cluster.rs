@@ -9,17 +9,17 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use clap::ValueEnum;
 use lb_tests::controlplane::SERVICE_CIDR;
 use lb_tests::kubeproxy::{KubeProxy, KubeProxySpec};
 use lb_tests::netns;
 use lb_tests::scenario::{self, Lab, LabSpec, PodId};
 use lb_tests::topology::TopologySpec;
+use lb_user::node::options::RemoteMode;
 
-use crate::cli::LabArgs;
+use crate::cli::{mode_label, other_mode, LabArgs};
 use crate::interrupt::{check_interrupted, sleep};
 use crate::machine::enable_bpf_stats;
-use crate::paths::path_sources;
+use crate::paths::{path_sources, xdp_leg};
 use crate::progress::Progress;
 use crate::report::{LabFootprint, PATHS};
 use crate::workload::Extra;
@@ -35,6 +35,10 @@ pub(crate) struct Cluster {
     pub(crate) proxies: Vec<KubeProxy>,
     pub(crate) lab: Lab,
     pub(crate) args: LabArgs,
+    /// The agents' `--max-services` (they are restarted with it).
+    max_services: usize,
+    /// The `--remote-mode` the agents run in now.
+    pub(crate) remote_mode: RemoteMode,
     /// The ui pods, in the order they were started.
     pub(crate) replicas: Vec<PodId>,
     pub(crate) extras: Vec<Extra>,
@@ -43,6 +47,20 @@ pub(crate) struct Cluster {
     /// BPF program ids attached in the node namespaces (ours: XDP on eth0, TC on pod veths).
     pub(crate) prog_ids: Vec<u32>,
     pub(crate) notes: Vec<String>,
+}
+
+/// The agents' arguments beyond the lab's own (node, addresses, pins).
+fn agent_args(args: &LabArgs, max_services: usize, mode: RemoteMode) -> Vec<String> {
+    vec![
+        "--max-services".into(),
+        max_services.to_string(),
+        "--maglev-size".into(),
+        auto_maglev_size(max_services).to_string(),
+        "--snat-ports".into(),
+        args.snat_ports.clone(),
+        "--remote-mode".into(),
+        mode_label(mode),
+    ]
 }
 
 /// The largest Maglev ring (prime) whose MAGLEV map for `max_services` stays within 64 MiB.
@@ -70,20 +88,7 @@ impl Cluster {
             // kube-proxy masquerades to the node address with random ports: the agents SNAT
             // to an address of their own, so the two can never pick the same tuple.
             dedicated_snat: true,
-            agent_args: vec![
-                "--max-services".into(),
-                max_services.to_string(),
-                "--maglev-size".into(),
-                maglev.to_string(),
-                "--snat-ports".into(),
-                args.snat_ports.clone(),
-                "--remote-mode".into(),
-                args.remote_mode
-                    .to_possible_value()
-                    .expect("every RemoteMode has a value")
-                    .get_name()
-                    .to_string(),
-            ],
+            agent_args: agent_args(args, max_services, args.remote_mode),
             ..LabSpec::default()
         };
         progress.step(format!(
@@ -103,7 +108,8 @@ impl Cluster {
             ],
         )
         .context("client sysctls")?;
-        for path in PATHS {
+        let other_leg = xdp_leg(other_mode(args.remote_mode));
+        for path in PATHS.into_iter().chain([other_leg]) {
             for source in path_sources(path, lab.node_count()) {
                 let addr = format!("{source}/32");
                 netns::ip(&["-n", t.client_ns(), "addr", "add", &addr, "dev", "eth0"])
@@ -121,6 +127,8 @@ impl Cluster {
             proxies: Vec::new(),
             lab,
             args: args.clone(),
+            max_services,
+            remote_mode: args.remote_mode,
             replicas: Vec::new(),
             extras: Vec::new(),
             _bpf_stats: None,
@@ -218,6 +226,32 @@ impl Cluster {
     }
 
     /// Ids of the BPF programs attached in the node namespaces (`bpftool net show` there).
+    /// Restarts the agents in `mode` unless they run in it, and waits until they hold every
+    /// Service again (ui-nlb accelerated, as every load expects it).
+    pub(crate) fn set_remote_mode(&mut self, mode: RemoteMode, progress: &Progress) -> Result<()> {
+        if self.remote_mode == mode {
+            return Ok(());
+        }
+        progress.step(format!(
+            "restarting the agents with --remote-mode {}",
+            mode_label(mode)
+        ));
+        let started = Instant::now();
+        self.lab
+            .restart_agents(agent_args(&self.args, self.max_services, mode))
+            .context("restarting the agents")?;
+        self.remote_mode = mode;
+        self.prog_ids = self.attached_programs()?;
+        self.set_accelerated(true)?;
+        self.wait_programmed()?;
+        progress.step(format!(
+            "the agents run --remote-mode {} and hold every Service ({:.1}s)",
+            mode_label(mode),
+            started.elapsed().as_secs_f64()
+        ));
+        Ok(())
+    }
+
     fn attached_programs(&self) -> Result<Vec<u32>> {
         let mut ids = BTreeSet::new();
         for node in 0..self.lab.node_count() {

@@ -27,6 +27,16 @@ use lb_user::node::options::RemoteMode;
 /// it in TIME_WAIT from n0 costs a SYN retry (about 10 ms) in ip-mode-like delivery. Real
 /// clients behind a load balancer are many addresses; ip mode's and instance mode's
 /// (whose pods see the node) tuples never meet that way. See the README's "Tunnel delivery".
+/// The xdp path in the other remote mode ([`xdp_leg`]) has addresses of its own likewise.
+/// The path name of the xdp path measured with the agents in `mode` when that is not
+/// `--remote-mode` (`lab compare` measures both unless `--one-remote-mode`).
+pub(crate) fn xdp_leg(mode: RemoteMode) -> &'static str {
+    match mode {
+        RemoteMode::Tunnel => "xdp-tunnel",
+        RemoteMode::Snat => "xdp-snat",
+    }
+}
+
 pub(crate) fn path_sources(path: &str, nodes: usize) -> Vec<Ipv4Addr> {
     match path {
         "instance" => vec![Ipv4Addr::new(10, 77, 0, 101)],
@@ -35,6 +45,9 @@ pub(crate) fn path_sources(path: &str, nodes: usize) -> Vec<Ipv4Addr> {
                 0 => Ipv4Addr::new(10, 77, 0, 102),
                 n => Ipv4Addr::new(10, 77, 0, 103 + n as u8),
             })
+            .collect(),
+        "xdp-snat" | "xdp-tunnel" => (0..nodes.max(1))
+            .map(|n| Ipv4Addr::new(10, 77, 0, 120 + n as u8))
             .collect(),
         _ => vec![Ipv4Addr::new(10, 77, 0, 103)],
     }
@@ -70,7 +83,7 @@ impl Cluster {
         let targets = self.targets_of(path)?;
         let description = match path {
             "instance" => "client -> nodeIP:nodePort -> kube-proxy rules (DNAT, SNAT) -> pod; ui-nlb opted out of lbx",
-            "xdp" => match self.args.remote_mode {
+            p if p.starts_with("xdp") => match self.remote_mode {
                 RemoteMode::Tunnel => "client -> nodeIP:nodePort -> lbx XDP DNAT -> pod (IP-in-IP to the pod's node for a pod on another node)",
                 RemoteMode::Snat => "client -> nodeIP:nodePort -> lbx XDP DNAT -> pod (SNAT + forward for a pod on another node)",
             },

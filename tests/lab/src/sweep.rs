@@ -15,19 +15,20 @@ use crate::progress::Progress;
 use crate::report::{median, SweepPoint};
 
 impl Cluster {
-    /// One sweep point: new-connection load on every path, `--sweep-rounds` times. The paths
-    /// take turns within a round, each round starting one path later (xdp, instance, ip;
-    /// then instance, ip, xdp; ...), so a slow stretch of the machine (a kube-proxy resync,
-    /// the agents applying) does not land on one path every time; the point is each path's
-    /// median round. Every load starts once the machine is quiet ([`wait_quiet`]).
+    /// One sweep point: new-connection load on each of `order`'s paths, `--sweep-rounds`
+    /// times. The paths take turns within a round, each round starting one path later (xdp,
+    /// instance, ip; then instance, ip, xdp; ...), so a slow stretch of the machine (a
+    /// kube-proxy resync, the agents applying) does not land on one path every time; the
+    /// point is each path's median round. Every load starts once the machine is quiet
+    /// ([`wait_quiet`]).
     pub(crate) fn sweep_point(
         &self,
         services: usize,
+        order: &[&str],
         c: &CompareArgs,
         progress: &Progress,
     ) -> Result<Vec<SweepPoint>> {
-        const ORDER: [&str; 3] = ["xdp", "instance", "ip"];
-        let mut out: Vec<SweepPoint> = ORDER
+        let mut out: Vec<SweepPoint> = order
             .iter()
             .map(|p| SweepPoint {
                 services,
@@ -37,9 +38,9 @@ impl Cluster {
             .collect();
         let mut accelerated = None;
         for round in 0..c.sweep_rounds {
-            for k in 0..ORDER.len() {
-                let i = (round + k) % ORDER.len();
-                let path = ORDER[i];
+            for k in 0..order.len() {
+                let i = (round + k) % order.len();
+                let path = order[i];
                 let want = path != "instance";
                 // ip mode does not care; leave the Service as it is.
                 if path != "ip" && accelerated != Some(want) {

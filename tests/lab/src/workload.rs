@@ -271,28 +271,37 @@ impl Cluster {
             want - from,
             started.elapsed().as_secs_f64()
         ));
-        let last = self.extras.last().expect("grew by at least one");
-        let (cluster_ip, external_ip) = (last.cluster_ip, last.external_ip);
+        let took = self.wait_programmed()?;
+        progress.step(format!(
+            "{total} Services programmed by kube-proxy and the agents ({:.1}s after the last write)",
+            took.as_secs_f64()
+        ));
+        Ok(())
+    }
+
+    /// Waits until kube-proxy and every agent hold the last Service created (watch events
+    /// come in order, so then every earlier one too); how long that took.
+    pub(crate) fn wait_programmed(&self) -> Result<Duration> {
         let synced = Instant::now();
+        let Some(last) = self.extras.last() else {
+            return Ok(synced.elapsed());
+        };
+        let (cluster_ip, external_ip) = (last.cluster_ip, last.external_ip);
         loop {
             check_interrupted()?;
             if self.all_hold(cluster_ip, external_ip)? {
-                break;
+                return Ok(synced.elapsed());
             }
             if synced.elapsed() > SYNC_TIMEOUT {
                 bail!(
-                    "kube-proxy and the agents did not all program Service {want} within \
+                    "kube-proxy and the agents did not all program Service {} within \
                      {SYNC_TIMEOUT:?}\n{}",
+                    self.extras.len() + 1,
                     self.logs()
                 );
             }
             sleep(Duration::from_millis(500))?;
         }
-        progress.step(format!(
-            "{total} Services programmed by kube-proxy and the agents ({:.1}s after the last write)",
-            synced.elapsed().as_secs_f64()
-        ));
-        Ok(())
     }
 
     /// Whether every agent holds `external_ip` and every node's kube-proxy answers on

@@ -24,6 +24,11 @@ const INSTANCE_SOURCE: &str = "10.77.0.101";
 /// The xdp path's client addresses, one per node frontend (`paths::path_sources`).
 const XDP_SOURCES: [&str; 2] = ["10.77.0.102", "10.77.0.104"];
 const IP_SOURCE: &str = "10.77.0.103";
+/// The xdp path's again with the agents in `--remote-mode snat` (path `xdp-snat`).
+const XDP_SNAT_SOURCES: [&str; 2] = ["10.77.0.120", "10.77.0.121"];
+/// The agents' SNAT addresses (lb-tests' `snat_addr_of`): what a remote pod sees in SNAT
+/// mode.
+const SNAT_ADDRS: [&str; 2] = ["10.77.0.150", "10.77.0.151"];
 
 fn out_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lbx-lab-test-{}-{name}", std::process::id()));
@@ -116,7 +121,9 @@ fn compare_measures_three_paths_and_tears_everything_down() {
     assert!(raw["sweep"].is_array());
 
     let replicas: BTreeSet<&str> = ["n0-p0", "n1-p0", "n0-p1"].into();
-    for path in PATHS {
+    assert_eq!(report.meta.remote_mode, "tunnel");
+    assert_eq!(report.meta.other_remote_mode.as_deref(), Some("snat"));
+    for path in PATHS.into_iter().chain(["xdp-snat"]) {
         let p = &report.paths[path];
         assert!(
             p.rps > 0.0 && p.new_conn_rps > 0.0,
@@ -234,6 +241,38 @@ fn compare_measures_three_paths_and_tears_everything_down() {
         instance.xdp_reasons
     );
 
+    // The same Service with the agents restarted in --remote-mode snat: local pods still
+    // see the client, a pod on the other node sees the SNAT address of the node the
+    // request came in through; forwarded (fwd_remote), not tunnelled, and still no
+    // netfilter on either node (the owning node takes the peer's SNAT address in XDP).
+    let snat = &report.paths["xdp-snat"];
+    assert!(snat.client_ip_preserved, "{:?}", snat.client_ips_seen);
+    let seen: BTreeSet<&str> = snat.client_ips_seen.keys().map(String::as_str).collect();
+    let want: BTreeSet<&str> = XDP_SNAT_SOURCES.into_iter().chain(SNAT_ADDRS).collect();
+    assert_eq!(seen, want, "xdp-snat: pods saw {:?}", snat.client_ips_seen);
+    assert!(
+        snat.client_ip_seen_fraction > 0.0 && snat.client_ip_seen_fraction < 1.0,
+        "{}",
+        snat.client_ip_seen_fraction
+    );
+    assert_eq!(
+        snat.nf_probe_packets, 0,
+        "xdp-snat packets touched netfilter"
+    );
+    for reason in ["fwd_local", "fwd_remote", "fwd_peer", "reply_peer"] {
+        assert!(
+            snat.xdp_reasons.get(reason).copied().unwrap_or(0) > 0,
+            "xdp-snat counted no {reason}: {:?}",
+            snat.xdp_reasons
+        );
+    }
+    assert_eq!(
+        snat.xdp_reasons.get("fwd_tunnel").copied().unwrap_or(0),
+        0,
+        "{:?}",
+        snat.xdp_reasons
+    );
+
     // Hops: one router (the pod's node) for ip mode and for local xdp delivery; two for a
     // pod behind the other node.
     assert_eq!(ip.hops_local, Some(1));
@@ -264,15 +303,45 @@ fn compare_measures_three_paths_and_tears_everything_down() {
         .values()
         .all(|p| p.targets.iter().all(|t| t.state == "healthy")));
 
-    // Sweep: every path at both sizes.
-    assert_eq!(report.sweep.len(), 6, "{:?}", report.sweep);
+    // Sweep: every path at both sizes, xdp-snat too.
+    assert_eq!(report.sweep.len(), 8, "{:?}", report.sweep);
+    for n in [1, 20] {
+        let at: BTreeSet<&str> = report
+            .sweep
+            .iter()
+            .filter(|s| s.services == n)
+            .map(|s| s.path.as_str())
+            .collect();
+        assert_eq!(
+            at,
+            ["instance", "ip", "xdp", "xdp-snat"].into(),
+            "{n} Services"
+        );
+    }
     for s in &report.sweep {
         assert!(s.new_conn_rps > 0.0 && s.p99_us > 0.0, "{s:?}");
         // Two rounds each; the point is their median.
         assert_eq!((s.rounds_rps.len(), s.rounds_p99_us.len()), (2, 2), "{s:?}");
         assert_eq!(s.new_conn_rps, lbx_lab::report::median(&s.rounds_rps));
     }
-    assert!(!report.targets.is_empty());
+    // The targets are checked in the report (met or not: speeds are not asserted).
+    for name in [
+        "xdp failed requests over the whole run",
+        "xdp requests whose pod saw the client's address",
+        "xdp new_conn_rps / ip at 20 services",
+    ] {
+        assert!(
+            report.targets.iter().any(|t| t.name.starts_with(name)),
+            "no target {name:?}: {:?}",
+            report.targets
+        );
+    }
+    let seen = report
+        .targets
+        .iter()
+        .find(|t| t.name.starts_with("xdp requests whose pod saw"))
+        .unwrap();
+    assert!(seen.met && seen.measured == 1.0, "{seen:?}");
 
     // Report files.
     let page = std::fs::read_to_string(&html).unwrap();

@@ -56,6 +56,9 @@ pub struct Meta {
     /// How the xdp path reaches a pod on another node (`--remote-mode`): `tunnel` or `snat`.
     #[serde(default)]
     pub remote_mode: String,
+    /// The other mode, when the xdp path was measured in it too (path `xdp-<mode>`).
+    #[serde(default)]
+    pub other_remote_mode: Option<String>,
     pub kubernetes_version: String,
     /// Seconds of load per measurement (after the warm-up).
     pub duration_s: f64,

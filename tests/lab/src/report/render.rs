@@ -16,7 +16,19 @@ pub fn path_colour(path: &str) -> &'static str {
         "instance" => "#d62728",
         "xdp" => "#2ca02c",
         "ip" => "#1f77b4",
+        p if p.starts_with("xdp-") => "#98df8a",
         _ => "#7f7f7f",
+    }
+}
+
+/// The xdp path's remote mode, and the other one's path when it was measured too.
+fn remote_modes(m: &super::model::Meta) -> String {
+    match &m.other_remote_mode {
+        Some(o) => format!(
+            "{} (path xdp-{o}: the agents in --remote-mode {o})",
+            m.remote_mode
+        ),
+        None => m.remote_mode.clone(),
     }
 }
 
@@ -316,7 +328,7 @@ fn lb_targets_table(p: &PathResult) -> Table {
 pub fn table(r: &LabReport) -> String {
     let mut out = format!(
         "Remote delivery on the xdp path (--remote-mode): {}\nLoad (keep-alive latency; NEW = one connection per request)\n",
-        r.meta.remote_mode
+        remote_modes(&r.meta)
     );
     out += &load_table(r).text("");
     out += "\nPath properties and cost (CPU: whole machine; KA = keep-alive)\n";
@@ -793,7 +805,7 @@ pub fn html(r: &LabReport) -> String {
         ("Replicas", m.replicas.to_string()),
         ("Services", m.services.to_string()),
         ("kube-proxy mode", escape(&m.kube_proxy_mode)),
-        ("lbx remote delivery (xdp path)", escape(&m.remote_mode)),
+        ("lbx remote delivery (xdp path)", escape(&remote_modes(m))),
         ("Kubernetes", escape(&m.kubernetes_version)),
         (
             "Duration per measurement",
