@@ -108,6 +108,10 @@ reasons! {
     /// A new flow whose client address and port a live flow of this node to another
     /// frontend holds: passed to the kernel.
     PassFlowCollision = 35, "pass_flow_collision";
+    /// A request of a tunnelled flow that arrived with TTL 2: it would run out on the owning
+    /// node, so it is answered here with ICMP time-exceeded (from this node's address) and
+    /// not sent.
+    IcmpTimeExceeded = 36, "icmp_time_exceeded";
 }
 
 /// Size of the `STATS` array.

@@ -9,8 +9,9 @@
 //! ICMP one over all of that.
 //!
 //! A request too large for the tunnel with DF set gets an ICMP fragmentation-needed with the
-//! tunnel's MTU, built in place from the request (`too_big_xdp`) or, for a pod's reply on the
-//! owning node, `too_big_tc`.
+//! tunnel's MTU, built in place from the request (`error_xdp` with `frag_needed`) or, for a
+//! pod's reply on the owning node, `too_big_tc`; a tunnelled request whose TTL would run out
+//! on the owning node gets a time-exceeded the same way (`error_xdp` with `time_exceeded`).
 
 use aya_ebpf::{
     bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
@@ -175,9 +176,9 @@ pub fn rewrite<C: PacketBuf>(
     Ok(())
 }
 
-/// The ICMP checksum of a fragmentation-needed error quoting `QUOTE_MIN` bytes at `quote`.
+/// The ICMP checksum of an error with header `icmp` quoting `QUOTE_MIN` bytes at `quote`.
 #[inline(always)]
-fn too_big_checksum(icmp: &IcmpHdr, quote: &[u16; QUOTE_MIN / 2]) -> u16 {
+fn error_checksum(icmp: &IcmpHdr, quote: &[u16; QUOTE_MIN / 2]) -> u16 {
     let w = |a: u8, b: u8| u16::from_ne_bytes([a, b]) as u32;
     let mut sum = w(icmp.ty, icmp.code) + (icmp.rest & 0xffff) + (icmp.rest >> 16);
     let mut i = 0;
@@ -192,13 +193,24 @@ fn too_big_checksum(icmp: &IcmpHdr, quote: &[u16; QUOTE_MIN / 2]) -> u16 {
 
 /// The fragmentation-needed header announcing `mtu`.
 #[inline(always)]
-fn frag_needed(mtu: u16) -> IcmpHdr {
+pub fn frag_needed(mtu: u16) -> IcmpHdr {
     let m = mtu.to_be_bytes();
     IcmpHdr {
         ty: ICMP_DEST_UNREACH,
         code: ICMP_FRAG_NEEDED,
         check: 0,
         rest: u32::from_ne_bytes([0, 0, m[0], m[1]]),
+    }
+}
+
+/// The time-exceeded (TTL exceeded in transit) header.
+#[inline(always)]
+pub fn time_exceeded() -> IcmpHdr {
+    IcmpHdr {
+        ty: ICMP_TIME_EXCEEDED,
+        code: 0,
+        check: 0,
+        rest: 0,
     }
 }
 
@@ -222,12 +234,13 @@ fn error_ip(saddr: u32, daddr: u32) -> Ipv4Hdr {
     ip
 }
 
-/// Turns the request `p` (too large for the tunnel, DF set) into an ICMP
-/// fragmentation-needed from its destination (the frontend) back to its source, announcing
-/// `mtu`: the sender's stack lowers its path MTU and sends smaller. The frame goes back out
-/// of the interface it came in on.
+/// Turns the request `p` into the ICMP error `h` (its checksum still zero) from `saddr` back
+/// to the request's source, quoting the request as that source sent it (so its stack finds
+/// the socket): a fragmentation-needed (`frag_needed`, from the frontend: the sender lowers
+/// its path MTU and sends smaller) or a time-exceeded (`time_exceeded`). The frame goes back
+/// out of the interface it came in on.
 #[inline(always)]
-pub fn too_big_xdp(ctx: &XdpContext, p: &Parsed, mtu: u16) -> Result<(), Reason> {
+pub fn error_xdp(ctx: &XdpContext, p: &Parsed, saddr: u32, h: IcmpHdr) -> Result<(), Reason> {
     let err = Reason::PassInternal;
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(err)?;
     let (src, dst) = unsafe {
@@ -259,25 +272,24 @@ pub fn too_big_xdp(ctx: &XdpContext, p: &Parsed, mtu: u16) -> Result<(), Reason>
         copy_mac(core::ptr::addr_of_mut!((*eth).src), &dst);
         (*eth).proto = *proto;
     }
-    write_too_big(ctx, p.l3_off, p.key.daddr, p.key.saddr, mtu)
+    write_error(ctx, p.l3_off, saddr, p.key.saddr, h)
 }
 
 /// The ICMP error's IPv4 and ICMP headers at `l3_off`, its quote already in place after them.
 #[inline(always)]
-fn write_too_big<C: PacketBuf>(
+fn write_error<C: PacketBuf>(
     ctx: &C,
     l3_off: usize,
     saddr: u32,
     daddr: u32,
-    mtu: u16,
+    mut h: IcmpHdr,
 ) -> Result<(), Reason> {
     let err = Reason::PassInternal;
     let ip: *mut Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(err)?;
     let icmp: *mut IcmpHdr = ptr_at(ctx, l3_off + IPV4_HLEN).ok_or(err)?;
     let quote: *const [u16; QUOTE_MIN / 2] =
         ptr_at(ctx, l3_off + IPV4_HLEN + ICMP_HLEN).ok_or(err)?;
-    let mut h = frag_needed(mtu);
-    h.check = too_big_checksum(&h, unsafe { &*quote });
+    h.check = error_checksum(&h, unsafe { &*quote });
     unsafe {
         core::ptr::write_unaligned(ip, error_ip(saddr, daddr));
         core::ptr::write_unaligned(icmp, h);
@@ -285,7 +297,7 @@ fn write_too_big<C: PacketBuf>(
     Ok(())
 }
 
-/// [`too_big_xdp`] for a local pod's reply on the owning node (TC): the error comes from
+/// [`error_xdp`]'s fragmentation-needed for a local pod's reply on the owning node (TC): the error comes from
 /// this node (`node_addr`) and goes back into the pod's veth.
 #[inline(always)]
 pub fn too_big_tc(ctx: &mut TcContext, p: &Parsed, node_addr: u32, mtu: u16) -> Result<(), Reason> {
@@ -301,5 +313,5 @@ pub fn too_big_tc(ctx: &mut TcContext, p: &Parsed, node_addr: u32, mtu: u16) -> 
     ctx.pull_data(want).map_err(err)?;
     ctx.store(0, &src, 0).map_err(err)?;
     ctx.store(6, &dst, 0).map_err(err)?;
-    write_too_big(ctx, ETH_HLEN, node_addr, p.key.saddr, mtu)
+    write_error(ctx, ETH_HLEN, node_addr, p.key.saddr, frag_needed(mtu))
 }

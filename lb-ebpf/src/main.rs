@@ -218,7 +218,11 @@ fn dnat_and_deliver(
 
 /// A request for a pod on another node: DNAT (the client's address kept), then into the
 /// tunnel to that node. A packet the tunnel cannot carry with DF set is answered with ICMP
-/// fragmentation-needed; without DF it is the kernel's (lbx does not fragment).
+/// fragmentation-needed; without DF it is the kernel's (lbx does not fragment). A packet
+/// with TTL 2 would run out on the owning node (one more router), whose XDP program cannot
+/// answer for this node's flow: it is answered here with a time-exceeded, from this node's
+/// own address (so a traceroute shows this node at that hop too, where kube-proxy's path
+/// shows the owning node; no node sends with another node's address).
 #[inline(always)]
 fn dnat_and_encap(
     ctx: &XdpContext,
@@ -230,12 +234,20 @@ fn dnat_and_encap(
     let k = &p.key;
     let e = Encap::of(cfg, be.node_addr, tunnel_entropy(k.saddr, k.daddr, k.sport, k.dport));
     let overhead = e.overhead() as u16;
-    if cfg.tunnel_mtu != 0 && p.tot_len.saturating_add(overhead) > cfg.tunnel_mtu {
+    let answer = if p.ttl <= 2 {
+        Some((cfg.tunnel_addr, icmp::time_exceeded(), Reason::IcmpTimeExceeded))
+    } else if cfg.tunnel_mtu != 0 && p.tot_len.saturating_add(overhead) > cfg.tunnel_mtu {
         if !p.df {
             return Err(Reason::PassTooBig);
         }
-        icmp::too_big_xdp(ctx, p, cfg.tunnel_mtu - overhead)?;
-        return Ok((xmit(ingress), Reason::IcmpTooBig));
+        let mtu = cfg.tunnel_mtu - overhead;
+        Some((p.key.daddr, icmp::frag_needed(mtu), Reason::IcmpTooBig))
+    } else {
+        None
+    };
+    if let Some((saddr, h, reason)) = answer {
+        icmp::error_xdp(ctx, p, saddr, h)?;
+        return Ok((xmit(ingress), reason));
     }
     if p.is_syn() && cfg.tunnel_mtu != 0 {
         tunnel::clamp_mss_xdp(ctx, p, cfg.tunnel_mss())?;

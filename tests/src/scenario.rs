@@ -1965,6 +1965,18 @@ impl Lab {
         port: u16,
         payload: &[u8],
     ) -> Result<IcmpReport, ScenarioError> {
+        self.udp_icmp_error_ttl(addr, port, payload, None)
+    }
+
+    /// [`Lab::udp_icmp_error`] with the datagram's IP TTL set to `ttl` (a traceroute probe:
+    /// the error is then a time-exceeded from the router where it ran out).
+    pub fn udp_icmp_error_ttl(
+        &self,
+        addr: Ipv4Addr,
+        port: u16,
+        payload: &[u8],
+        ttl: Option<u8>,
+    ) -> Result<IcmpReport, ScenarioError> {
         let target = SocketAddrV4::new(addr, port);
         let what = "UDP datagram (expecting an ICMP error) to";
         let req_err = |source| ScenarioError::Request {
@@ -1978,6 +1990,9 @@ impl Lab {
         sock.connect(target).map_err(req_err)?;
         sock.set_read_timeout(Some(IO_TIMEOUT)).map_err(req_err)?;
         set_int_opt(&sock, libc::IPPROTO_IP, libc::IP_RECVERR, 1).map_err(req_err)?;
+        if let Some(ttl) = ttl {
+            sock.set_ttl(u32::from(ttl)).map_err(req_err)?;
+        }
         let local = v4(sock.local_addr().map_err(req_err)?);
         sock.send(payload).map_err(req_err)?;
         let mut buf = [0u8; 512];

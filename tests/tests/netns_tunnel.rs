@@ -329,6 +329,14 @@ fn a_closed_udp_port_on_a_pod_behind_the_tunnel_refuses_the_client() {
         closed_udp_port: true,
         ..LabSpec::default()
     });
+    // Every datagram here is to be refused: the pods' kernels must send each port
+    // unreachable (their ICMP rate limit lets 6 through to one client, then one a second,
+    // and a run of 7 datagrams to one pod happened once).
+    for pod in lab.pods() {
+        let ns = lab.topology().pod_ns(pod.node, pod.pod);
+        lb_tests::netns::sysctls(ns, &[("net/ipv4/icmp_ratelimit", "0")])
+            .unwrap_or_else(|e| panic!("icmp_ratelimit 0 in {ns}: {e}"));
+    }
     let probes: Vec<_> = (0..lab.node_count())
         .map(|n| {
             let udp = ok(format!("nft probe in n{n}"), lab.install_nft_probe(n));
@@ -462,6 +470,71 @@ fn a_closed_udp_port_on_a_pod_behind_the_tunnel_refuses_the_client() {
     assert_eq!(
         remote, REFUSED_REMOTE,
         "too few of 64 datagrams via n0 reached n1's pods"
+    );
+
+    // Traceroute probes: a datagram sent with TTL 2 reaches a pod behind n0 (n0 is its one
+    // router) and is refused there, but would run out on n1 (its second router) on the way
+    // to n1's pods: n0 answers those with a time-exceeded from its own address, quoting the
+    // datagram's headers as the client sent them, and tunnels nothing.
+    let (mut expired, mut refused) = (0, 0);
+    for attempt in 0..64 {
+        let before = counters(&lab, 0);
+        let payload = format!("lbx ttl-2 datagram {attempt}");
+        let report = with_counters(
+            &lab,
+            format!("TTL-2 datagram {attempt} to {frontend}"),
+            lab.udp_icmp_error_ttl(node, CLOSED_UDP_NODE_PORT, payload.as_bytes(), Some(2)),
+        );
+        let after = counters(&lab, 0);
+        let delta = |c: &str| counter_delta(&after, &before, c);
+        eprintln!(
+            "TTL-2 datagram {attempt} from {}: {:?} (ICMP {}/{}) from {}",
+            report.local, report.error, report.icmp_type, report.icmp_code, report.offender
+        );
+        // The kernel handed the error to this datagram's own socket: it matched the quoted
+        // addresses and ports.
+        assert_eq!(report.quoted_dst, frontend, "{report:?}");
+        assert_eq!(report.offender, node, "{report:?}");
+        if delta("icmp_time_exceeded") == 1 {
+            expired += 1;
+            // lbx quotes RFC 792's minimum, the IP and UDP headers (as its
+            // fragmentation-needed does): no payload.
+            assert_eq!(
+                (
+                    report.error,
+                    report.icmp_type,
+                    report.icmp_code,
+                    report.quoted_payload.len()
+                ),
+                (ErrorKind::HostUnreachable, 11, 0, 0),
+                "not a time-exceeded: {report:?}"
+            );
+            assert_eq!(delta("fwd_tunnel"), 0, "{}", lab.nonzero_counters());
+        } else {
+            refused += 1;
+            assert_eq!(report.quoted_payload, payload.as_bytes(), "{report:?}");
+            assert_eq!(
+                (
+                    report.error,
+                    report.icmp_type,
+                    report.icmp_code,
+                    delta("fwd_local")
+                ),
+                (ErrorKind::ConnectionRefused, 3, 3, 1),
+                "datagram {attempt}: neither expired at n0 nor refused by n0's pod: {report:?}\n{}",
+                lab.nonzero_counters()
+            );
+        }
+        if expired == REFUSED_REMOTE && refused > 0 {
+            break;
+        }
+    }
+    eprintln!(
+        "{expired} TTL-2 datagrams expired at n0 (bound for n1), {refused} refused by n0's pods"
+    );
+    assert!(
+        expired == REFUSED_REMOTE && refused > 0,
+        "64 TTL-2 datagrams: {expired} expired, {refused} refused"
     );
     for (n, before) in nf_before.iter().enumerate() {
         assert_eq!(

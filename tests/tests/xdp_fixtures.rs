@@ -614,6 +614,51 @@ fn tunnel_rows() -> Vec<Row> {
             ),
         },
         Row {
+            description: "tunnel: a syn with TTL 2 (it would run out on node 1): ICMP time-exceeded from this node, quoting the syn as sent, back out",
+            before: vec![],
+            prog: Prog::Xdp,
+            input: syn.clone().sport(40020).ttl(2).build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::IcmpTimeExceeded,
+            expect: Some(
+                Packet::eth(NIC_MAC, CLIENT_MAC)
+                    .ipv4(NODE, CLIENT)
+                    .tos(0xc0)
+                    .ip_id(0)
+                    .dont_fragment(false)
+                    .ip_proto(lb_tests::packet::IPPROTO_ICMP)
+                    .payload(&icmp_message(11, 0, 0, &datagram(&syn.clone().sport(40020).ttl(2).build())[..28]))
+                    .build(),
+            ),
+        },
+        Row {
+            description: "tunnel: an established flow's ack with TTL 2: time-exceeded too; with TTL 3 it is tunnelled (inner TTL 2, delivered by node 1)",
+            before: vec![syn.build()],
+            prog: Prog::Xdp,
+            input: client().ipv4(CLIENT, NODE).ttl(2).tcp(40000, 30083).ack().payload(b"hop").build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::IcmpTimeExceeded,
+            expect: Some(
+                Packet::eth(NIC_MAC, CLIENT_MAC)
+                    .ipv4(NODE, CLIENT)
+                    .tos(0xc0)
+                    .ip_id(0)
+                    .dont_fragment(false)
+                    .ip_proto(lb_tests::packet::IPPROTO_ICMP)
+                    .payload(&icmp_message(11, 0, 0, &datagram(&client().ipv4(CLIENT, NODE).ttl(2).tcp(40000, 30083).ack().payload(b"hop").build())[..28]))
+                    .build(),
+            ),
+        },
+        Row {
+            description: "tunnel: an established flow's ack with TTL 3: tunnelled, inner TTL 2",
+            before: vec![syn.build()],
+            prog: Prog::Xdp,
+            input: client().ipv4(CLIENT, NODE).ttl(3).tcp(40000, 30083).ack().build(),
+            expect_verdict: XDP_REDIRECT,
+            expect_reason: Reason::FwdTunnel,
+            expect: Some(ipip(to_node1, NODE, NODE1, e_syn, &client().ipv4(CLIENT, POD_T).ttl(2).tcp(40000, 8080).ack())),
+        },
+        Row {
             description: "tunnel: a request too big without DF: the kernel's (lbx does not fragment)",
             before: vec![syn.build()],
             prog: Prog::Xdp,

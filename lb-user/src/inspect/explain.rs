@@ -145,7 +145,7 @@ pub fn explain(live: &Path, hook: Hook, frame: &[u8]) -> Result<Explanation, Ins
         rewritten: (output != frame).then(|| Decoded::decode_with(&output, fou)),
         output,
         out_ifindex,
-        back_out: reason == Some(Reason::IcmpTooBig),
+        back_out: matches!(reason, Some(Reason::IcmpTooBig | Reason::IcmpTimeExceeded)),
         read,
         created,
         changed,
@@ -534,7 +534,7 @@ fn out_interface(
         }
         // Back out of the interface the packet came in on: the client's (the flow's entry
         // names it) or, for a pod's reply on the owning node, the pod's veth.
-        Reason::IcmpTooBig => match &keys.l4 {
+        Reason::IcmpTooBig | Reason::IcmpTimeExceeded => match &keys.l4 {
             Some(k) => match flow(k.saddr, k.sport, k.proto) {
                 Some(ct) => Some(ct.ifindex),
                 None => maps.lookup::<LOCAL_ENDPOINTS>(&k.saddr)?.map(|e| e.ifindex),

@@ -89,6 +89,11 @@ pub struct CompareArgs {
     /// once more, reported beside the others as path `xdp-snat` (or `xdp-tunnel`).
     #[arg(long)]
     pub one_remote_mode: bool,
+    /// Where the report goes when none of --json, --html and --svg-dir is given:
+    /// `report.json`, `report.html` and `plots/` in this directory. Default:
+    /// `target/lab/<start time, UTC>/` of the workspace lbx-lab was built in.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
     /// Write the report as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

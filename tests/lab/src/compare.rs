@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 
@@ -50,8 +51,56 @@ pub fn compare(c: CompareArgs) -> Result<()> {
     report.footprint = footprint;
     progress.step("torn down");
     println!("{}", render::table(&report));
-    write_outputs(&report, &c)?;
+    let exe = std::env::current_exe().context("locating lbx-lab's own binary")?;
+    let out = Outputs::of(&c, &report.meta.started, &exe);
+    write_outputs(&report, &out)?;
+    if let Some(dir) = &out.dir {
+        println!(
+            "The report is in {}: report.json, report.html, plots/",
+            dir.display()
+        );
+    }
     Ok(())
+}
+
+/// Where a run's report goes: the files given, or all three in one directory.
+#[derive(Debug, PartialEq)]
+struct Outputs {
+    json: Option<PathBuf>,
+    html: Option<PathBuf>,
+    svg_dir: Option<PathBuf>,
+    /// Set when the report went to a directory of its own (no file flag given).
+    dir: Option<PathBuf>,
+}
+
+impl Outputs {
+    /// `--json`/`--html`/`--svg-dir` when any is given; otherwise `report.json`,
+    /// `report.html` and `plots/` in `--out-dir`, by default `target/lab/<started>/` beside
+    /// the binary's own build directory (`exe` is `<target>/<profile>/lbx-lab`).
+    fn of(c: &CompareArgs, started: &str, exe: &Path) -> Outputs {
+        if c.json.is_some() || c.html.is_some() || c.svg_dir.is_some() {
+            return Outputs {
+                json: c.json.clone(),
+                html: c.html.clone(),
+                svg_dir: c.svg_dir.clone(),
+                dir: None,
+            };
+        }
+        let dir = c.out_dir.clone().unwrap_or_else(|| {
+            let target = exe
+                .parent()
+                .and_then(Path::parent)
+                .unwrap_or(Path::new("."));
+            // No colons: the name is also a valid path on filesystems that refuse them.
+            target.join("lab").join(started.replace(':', "-"))
+        });
+        Outputs {
+            json: Some(dir.join("report.json")),
+            html: Some(dir.join("report.html")),
+            svg_dir: Some(dir.join("plots")),
+            dir: Some(dir),
+        }
+    }
 }
 
 fn run_compare(
@@ -259,7 +308,10 @@ fn target_checks(r: &LabReport) -> Vec<TargetCheck> {
     out
 }
 
-fn write_outputs(report: &LabReport, c: &CompareArgs) -> Result<()> {
+fn write_outputs(report: &LabReport, c: &Outputs) -> Result<()> {
+    if let Some(dir) = &c.dir {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     if let Some(path) = &c.json {
         let text = serde_json::to_string_pretty(report)?;
         fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
@@ -298,6 +350,43 @@ fn utc_now() -> String {
 mod tests {
     use super::*;
     use crate::report::SweepPoint;
+
+    #[test]
+    fn the_report_goes_to_the_files_given_or_to_a_directory_of_its_own() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            c: CompareArgs,
+        }
+        let args = |a: &[&str]| Cli::parse_from([&["lbx-lab"], a].concat()).c;
+        let exe = Path::new("/src/lbx/target/release/lbx-lab");
+        let started = "2026-12-05T07:38:47Z";
+        let out = Outputs::of(&args(&[]), started, exe);
+        let dir = PathBuf::from("/src/lbx/target/lab/2026-12-05T07-38-47Z");
+        assert_eq!(
+            out,
+            Outputs {
+                json: Some(dir.join("report.json")),
+                html: Some(dir.join("report.html")),
+                svg_dir: Some(dir.join("plots")),
+                dir: Some(dir),
+            }
+        );
+        let out = Outputs::of(&args(&["--out-dir", "/tmp/r"]), started, exe);
+        assert_eq!(out.json, Some(PathBuf::from("/tmp/r/report.json")));
+        // A file flag: only what was asked for.
+        let out = Outputs::of(&args(&["--html", "x.html"]), started, exe);
+        assert_eq!(
+            out,
+            Outputs {
+                json: None,
+                html: Some("x.html".into()),
+                svg_dir: None,
+                dir: None,
+            }
+        );
+    }
 
     #[test]
     fn checks_follow_the_issue_targets() {
