@@ -37,7 +37,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     hash::tunnel_entropy, Config, CtEntry, CtKey, Reason, ReturnEntry, BE_LOCAL, BE_TUNNEL, CFG_TUNNEL, CT_SNAT,
-    CT_TUNNEL, FOU_OVERHEAD, IPIP_OVERHEAD, PEER_TUNNEL, PROTO_UDP, RET_FOU, REV_SNAT,
+    CT_TUNNEL, FOU_OVERHEAD, IPIP_OVERHEAD, PEER_TUNNEL, PROTO_TCP, PROTO_UDP, RET_FOU, REV_SNAT,
 };
 
 use crate::{
@@ -369,9 +369,16 @@ fn record_return(
     node_mac: [u8; 6],
     overhead: usize,
 ) {
-    if let Some(old) = unsafe { RETURNS.get(&inner.key) } {
-        if old.peer == peer || !inner.opens_flow() {
-            return;
+    // A TCP SYN always writes (a new connection; the tuple may have come back through
+    // another peer, and a retransmitted SYN only refreshes it): no lookup first on the TCP
+    // new-flow path. Otherwise only what is missing or names another peer for a UDP
+    // datagram (every one of which may open a flow) is written.
+    let syn = inner.key.proto == PROTO_TCP && inner.opens_flow();
+    if !syn {
+        if let Some(old) = unsafe { RETURNS.get(&inner.key) } {
+            if old.peer == peer || !inner.opens_flow() {
+                return;
+            }
         }
     }
     let entry = ReturnEntry {

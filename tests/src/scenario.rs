@@ -1930,11 +1930,7 @@ impl Lab {
             target,
             source,
         };
-        let sock = self
-            .in_client(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
-            .map_err(req_err)?;
-        sock.connect(target).map_err(req_err)?;
-        sock.set_read_timeout(Some(IO_TIMEOUT)).map_err(req_err)?;
+        let sock = self.client_udp(target)?.map_err(req_err)?;
         sock.send(b"lbx?").map_err(req_err)?;
         let mut buf = [0u8; 512];
         let n = sock.recv(&mut buf).map_err(req_err)?;
@@ -1954,6 +1950,17 @@ impl Lab {
             ttl,
         };
         Ok((answer, sock))
+    }
+
+    /// A new UDP socket of the client's, connected to `target`, reads timing out after
+    /// [`IO_TIMEOUT`] (the outer error: entering the client namespace).
+    fn client_udp(&self, target: SocketAddrV4) -> Result<io::Result<UdpSocket>, ScenarioError> {
+        let sock = self.in_client(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?;
+        Ok(sock.and_then(|sock| {
+            sock.connect(target)?;
+            sock.set_read_timeout(Some(IO_TIMEOUT))?;
+            Ok(sock)
+        }))
     }
 
     /// Sends `payload` from a new client socket connected to `addr:port` and waits for the
@@ -1984,11 +1991,7 @@ impl Lab {
             target,
             source,
         };
-        let sock = self
-            .in_client(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
-            .map_err(req_err)?;
-        sock.connect(target).map_err(req_err)?;
-        sock.set_read_timeout(Some(IO_TIMEOUT)).map_err(req_err)?;
+        let sock = self.client_udp(target)?.map_err(req_err)?;
         set_int_opt(&sock, libc::IPPROTO_IP, libc::IP_RECVERR, 1).map_err(req_err)?;
         if let Some(ttl) = ttl {
             sock.set_ttl(u32::from(ttl)).map_err(req_err)?;

@@ -459,6 +459,19 @@ fn entropy(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> u16 {
     tunnel_entropy(addr(src)[0], addr(dst)[0], port_be(sport), port_be(dport))
 }
 
+/// The ICMP error (`ty`, `code`, `rest`) this node (NODE) sends back to the client about
+/// `request` (a frame the client sent): RFC 792's minimal quote, the kernel's TOS for errors.
+fn error_to_client(ty: u8, code: u8, rest: u32, request: &[u8]) -> Vec<u8> {
+    Packet::eth(NIC_MAC, CLIENT_MAC)
+        .ipv4(NODE, CLIENT)
+        .tos(0xc0)
+        .ip_id(0)
+        .dont_fragment(false)
+        .ip_proto(lb_tests::packet::IPPROTO_ICMP)
+        .payload(&icmp_message(ty, code, rest, &datagram(request)[..28]))
+        .build()
+}
+
 /// `inner` (a frame) IP-in-IP encapsulated from `from` to `to`, as lbx writes it: outer ID
 /// the entropy (as stored, little-endian on this machine), DF, TTL 64, the inner TOS.
 fn ipip(
@@ -602,16 +615,7 @@ fn tunnel_rows() -> Vec<Row> {
             input: big.build(),
             expect_verdict: XDP_REDIRECT,
             expect_reason: Reason::IcmpTooBig,
-            expect: Some(
-                Packet::eth(NIC_MAC, CLIENT_MAC)
-                    .ipv4(NODE, CLIENT)
-                    .tos(0xc0)
-                    .ip_id(0)
-                    .dont_fragment(false)
-                    .ip_proto(lb_tests::packet::IPPROTO_ICMP)
-                    .payload(&icmp_message(3, 4, u32::from(TUNNEL_MTU - 20), &datagram(&big.build())[..28]))
-                    .build(),
-            ),
+            expect: Some(error_to_client(3, 4, u32::from(TUNNEL_MTU - 20), &big.build())),
         },
         Row {
             description: "tunnel: a syn with TTL 2 (it would run out on node 1): ICMP time-exceeded from this node, quoting the syn as sent, back out",
@@ -620,16 +624,7 @@ fn tunnel_rows() -> Vec<Row> {
             input: syn.clone().sport(40020).ttl(2).build(),
             expect_verdict: XDP_REDIRECT,
             expect_reason: Reason::IcmpTimeExceeded,
-            expect: Some(
-                Packet::eth(NIC_MAC, CLIENT_MAC)
-                    .ipv4(NODE, CLIENT)
-                    .tos(0xc0)
-                    .ip_id(0)
-                    .dont_fragment(false)
-                    .ip_proto(lb_tests::packet::IPPROTO_ICMP)
-                    .payload(&icmp_message(11, 0, 0, &datagram(&syn.clone().sport(40020).ttl(2).build())[..28]))
-                    .build(),
-            ),
+            expect: Some(error_to_client(11, 0, 0, &syn.clone().sport(40020).ttl(2).build())),
         },
         Row {
             description: "tunnel: an established flow's ack with TTL 2: time-exceeded too; with TTL 3 it is tunnelled (inner TTL 2, delivered by node 1)",
@@ -638,16 +633,7 @@ fn tunnel_rows() -> Vec<Row> {
             input: client().ipv4(CLIENT, NODE).ttl(2).tcp(40000, 30083).ack().payload(b"hop").build(),
             expect_verdict: XDP_REDIRECT,
             expect_reason: Reason::IcmpTimeExceeded,
-            expect: Some(
-                Packet::eth(NIC_MAC, CLIENT_MAC)
-                    .ipv4(NODE, CLIENT)
-                    .tos(0xc0)
-                    .ip_id(0)
-                    .dont_fragment(false)
-                    .ip_proto(lb_tests::packet::IPPROTO_ICMP)
-                    .payload(&icmp_message(11, 0, 0, &datagram(&client().ipv4(CLIENT, NODE).ttl(2).tcp(40000, 30083).ack().payload(b"hop").build())[..28]))
-                    .build(),
-            ),
+            expect: Some(error_to_client(11, 0, 0, &client().ipv4(CLIENT, NODE).ttl(2).tcp(40000, 30083).ack().payload(b"hop").build())),
         },
         Row {
             description: "tunnel: an established flow's ack with TTL 3: tunnelled, inner TTL 2",
