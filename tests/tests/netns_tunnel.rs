@@ -525,7 +525,7 @@ fn a_closed_udp_port_on_a_pod_behind_the_tunnel_refuses_the_client() {
                 lab.nonzero_counters()
             );
         }
-        if expired == REFUSED_REMOTE && refused > 0 {
+        if expired >= REFUSED_REMOTE && refused > 0 {
             break;
         }
     }
@@ -533,7 +533,7 @@ fn a_closed_udp_port_on_a_pod_behind_the_tunnel_refuses_the_client() {
         "{expired} TTL-2 datagrams expired at n0 (bound for n1), {refused} refused by n0's pods"
     );
     assert!(
-        expired == REFUSED_REMOTE && refused > 0,
+        expired >= REFUSED_REMOTE && refused > 0,
         "64 TTL-2 datagrams: {expired} expired, {refused} refused"
     );
     for (n, before) in nf_before.iter().enumerate() {

@@ -52,4 +52,4 @@ mod up_down;
 mod workload;
 
 pub use compare::compare;
-pub use up_down::{down, up};
+pub use up_down::{down, up, HINTS_HEADER};

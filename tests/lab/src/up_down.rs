@@ -14,6 +14,7 @@ use crate::cli::LabArgs;
 use crate::cluster::Cluster;
 use crate::interrupt::interrupted;
 use crate::progress::Progress;
+use crate::workload::{ACCELERATE_ANNOTATION, UI_NS, UI_SERVICE};
 
 /// `lab up` records itself here; `lab down` reads it.
 const STATE_FILE: &str = "/run/lbx/lab-up.json";
@@ -65,9 +66,6 @@ pub fn up(args: LabArgs) -> Result<()> {
 fn print_up_help(cluster: &Cluster) {
     let lab = &cluster.lab;
     let t = lab.topology();
-    let client = t.client_ns();
-    let n0 = lab.node_addr(0);
-    let pod0 = cluster.replicas[0];
     println!(
         "\nThe lab {} is up. Namespaces: {}",
         lab.prefix(),
@@ -80,37 +78,88 @@ fn print_up_help(cluster: &Cluster) {
             lab.pod_addr(*p).map(|a| a.to_string()).unwrap_or_default()
         );
     }
-    let agent = lab.binaries().agent.display().to_string();
-    println!("\nTry:");
-    println!("  ip netns exec {client} curl -s http://{n0}:{TCP_NODE_PORT}/        # xdp path");
-    println!(
-        "  ip netns exec {client} curl -s http://{}:{TCP_TARGET_PORT}/        # ip mode",
-        lab.pod_addr(pod0)
-            .map(|a| a.to_string())
-            .unwrap_or_default()
-    );
-    println!(
-        "  ip netns exec {client} curl -s http://{LB_INGRESS_IP}/           # LoadBalancer IP (routed to n0)"
-    );
-    println!(
-        "  {agent} targets --pin-dir {}             # what n0's XDP forwards to",
-        lab.pin_dir(0).display()
-    );
-    println!("  {agent} counters --pin-dir {}", lab.pin_dir(0).display());
-    println!(
-        "  ip netns exec {} bpftool net show                  # attached programs",
-        t.node_ns(0)
-    );
-    println!(
-        "  ip netns exec {} iptables-legacy-save -c -t nat | head   # kube-proxy's rules",
-        t.node_ns(0)
-    );
-    println!("  perf top -a                                         # where the CPU goes");
-    println!(
-        "  annotate ui/ui-nlb lbx.io/accelerate=false (kubectl --kubeconfig {}) to send it through kube-proxy",
-        lab.control_plane().map(|c| c.kubeconfig().display().to_string()).unwrap_or_default()
-    );
+    println!("\n{HINTS_HEADER}");
+    for hint in up_hints(cluster) {
+        println!("  {:<w$} # {}", hint.command, hint.what, w = HINT_WIDTH);
+    }
     println!("\nCtrl-C here, or `cargo xtask lab down`, tears it down.");
+}
+
+/// The line before the hints; each hint is then one line, `  <command> # <what>`, up to
+/// an empty line (lab_compare's test runs every one as printed).
+pub const HINTS_HEADER: &str = "Try (each line runs as printed, as root):";
+const HINT_WIDTH: usize = 60;
+
+/// A command `lab up` suggests: it runs as printed, from any directory, in the machine's
+/// own namespace: everything that reaches a lab address enters a lab namespace first
+/// (`ip netns exec`), and kubectl talks to the API server through the lab's loopback
+/// forwarder.
+struct Hint {
+    command: String,
+    what: &'static str,
+}
+
+fn up_hints(cluster: &Cluster) -> Vec<Hint> {
+    let lab = &cluster.lab;
+    let t = lab.topology();
+    let client = t.client_ns();
+    let n0 = t.node_ns(0);
+    let pod0 = lab
+        .pod_addr(cluster.replicas[0])
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let agent = lab.binaries().agent.display().to_string();
+    let pins = lab.pin_dir(0).display().to_string();
+    let hint = |command: String, what| Hint { command, what };
+    let mut hints = vec![
+        hint(
+            format!(
+                "ip netns exec {client} curl -s http://{}:{TCP_NODE_PORT}/",
+                lab.node_addr(0)
+            ),
+            "xdp path (n0's nodePort)",
+        ),
+        hint(
+            format!("ip netns exec {client} curl -s http://{pod0}:{TCP_TARGET_PORT}/"),
+            "ip mode",
+        ),
+        hint(
+            format!("ip netns exec {client} curl -s http://{LB_INGRESS_IP}/"),
+            "LoadBalancer IP (routed to n0)",
+        ),
+        hint(
+            format!("{agent} targets --pin-dir {pins}"),
+            "what n0's XDP forwards to",
+        ),
+        hint(
+            format!("{agent} counters --pin-dir {pins}"),
+            "n0's verdicts",
+        ),
+        hint(
+            format!("ip netns exec {n0} bpftool net show"),
+            "programs attached in n0",
+        ),
+        hint(
+            format!("ip netns exec {n0} iptables-legacy-save -c -t nat | head -20"),
+            "kube-proxy's rules in n0",
+        ),
+    ];
+    if let Ok(cp) = lab.control_plane() {
+        let kubectl = format!(
+            "{} --kubeconfig {}",
+            cp.kubectl_path().display(),
+            cp.local_kubeconfig().display()
+        );
+        hints.push(hint(
+            format!("{kubectl} -n {UI_NS} annotate service {UI_SERVICE} {ACCELERATE_ANNOTATION}=false --overwrite"),
+            "ui-nlb through kube-proxy",
+        ));
+        hints.push(hint(
+            format!("{kubectl} -n {UI_NS} annotate service {UI_SERVICE} {ACCELERATE_ANNOTATION}-"),
+            "back to lbx",
+        ));
+    }
+    hints
 }
 
 /// Whether the process of `/proc/<pid>` still runs: gone, or a zombie its parent has not

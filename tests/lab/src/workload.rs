@@ -24,7 +24,7 @@ pub(crate) const UI_NS: &str = "ui";
 pub(crate) const UI_SERVICE: &str = "ui-nlb";
 const APP_LABEL: (&str, &str) = ("app.kubernetes.io/name", "ui");
 /// The agent's per-Service opt-out annotation.
-const ACCELERATE_ANNOTATION: &str = "lbx.io/accelerate";
+pub(crate) const ACCELERATE_ANNOTATION: &str = "lbx.io/accelerate";
 /// Namespace of the extra Services of `--services` and the sweep.
 const SCALE_NS: &str = "scale";
 const MANAGED_BY: &str = "lbx-lab.lbx.io";

@@ -408,6 +408,54 @@ fn up_keeps_the_lab_until_down() {
     .unwrap();
     assert!(answer.contains("pod=n"), "{answer}");
 
+    // Every hint it printed runs as printed, from the machine's own namespace (lab
+    // addresses only inside lab namespaces, the API server through the loopback forwarder).
+    let mut next = || {
+        rx.recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("lab up stopped printing:\n{}", up_log()))
+    };
+    while next() != lbx_lab::HINTS_HEADER {}
+    let mut hints = Vec::new();
+    loop {
+        let line = next();
+        if line.trim().is_empty() {
+            break;
+        }
+        let (command, what) = line
+            .trim()
+            .split_once(" # ")
+            .unwrap_or_else(|| panic!("a hint without its comment: {line:?}"));
+        hints.push((command.trim().to_string(), what.to_string()));
+    }
+    assert!(hints.len() >= 8, "{hints:?}");
+    for (command, what) in &hints {
+        let out = Command::new("timeout")
+            .args(["60", "sh", "-c", command])
+            .current_dir("/")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "hint {what:?} failed: {command}\n{}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !stdout.trim().is_empty(),
+            "hint {what:?} printed nothing: {command}"
+        );
+        if command.contains(" curl ") {
+            assert!(stdout.contains("pod=n"), "{what}: {stdout}");
+        }
+        eprintln!("hint ok: {what}");
+    }
+    assert!(
+        hints
+            .iter()
+            .any(|(c, _)| c.contains("kubectl") && c.contains("accelerate=false")),
+        "{hints:?}"
+    );
+
     let down = Command::new(LAB).arg("down").status().unwrap();
     assert!(
         down.success(),
