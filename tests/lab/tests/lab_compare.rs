@@ -229,7 +229,7 @@ fn compare_measures_three_paths_and_tears_everything_down() {
         xdp.nf_rule_hits_per_req, instance.nf_rule_hits_per_req, ip.nf_rule_hits_per_req
     );
     // kube-proxy's rules on either node: a remote delivery used to walk a dozen of them on
-    // the owning node (12.7 per request in bench/lab.json); now no xdp packet meets one.
+    // the owning node (12.7 per request in bench/lab-rerun.json); now no xdp packet meets one.
     assert!(
         xdp.nf_rule_hits_per_req < 1.0,
         "xdp requests hit {:.2} kube-proxy rules each",
