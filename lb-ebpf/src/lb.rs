@@ -369,12 +369,15 @@ fn ct_closing(ct: *mut CtEntry, now_s: u32) {
 /// destination) when its backend is that source and its delivery is `delivery` (0 for a
 /// local pod, `CT_TUNNEL` for a reply back through the tunnel). None when the flow closed
 /// more than `close_grace_s` ago, or closed at all and this is a SYN-ACK: the tuple then
-/// belongs to some other connection (the client talking to the pod directly, say). A FIN or
-/// RST in the reply marks the flow closing.
+/// belongs to some other connection (a flow a peer node tunnelled here, the kernel's, the
+/// client talking to the pod directly), and the closed flow's grace ends at once, so the
+/// new connection's later replies are not caught by it either. (A new connection through
+/// this node would have renewed the entry at its SYN.) A FIN or RST in the reply marks the
+/// flow closing.
 #[inline(always)]
 pub fn reply_lookup(cfg: &Config, p: &Parsed, delivery: u8) -> Option<*mut CtEntry> {
     let ct = CONNTRACK.get_ptr_mut(&reply_flow_key(p))?;
-    let e = unsafe { &*ct };
+    let e = unsafe { &mut *ct };
     if e.flags & (CT_SNAT | CT_TUNNEL) != delivery {
         return None;
     }
@@ -382,8 +385,14 @@ pub fn reply_lookup(cfg: &Config, p: &Parsed, delivery: u8) -> Option<*mut CtEnt
     if be.addr[0] != p.key.saddr || be.port != p.key.sport {
         return None;
     }
-    if e.flags & CT_CLOSING != 0 && (p.is_syn() || closed_for(e.stamp_s) > cfg.close_grace_s) {
-        return None;
+    if e.flags & CT_CLOSING != 0 {
+        if p.is_syn() {
+            ct_expire(cfg, e);
+            return None;
+        }
+        if closed_for(e.stamp_s) > cfg.close_grace_s {
+            return None;
+        }
     }
     if p.is_fin_or_rst() {
         ct_closing(ct, now_s());
@@ -391,14 +400,14 @@ pub fn reply_lookup(cfg: &Config, p: &Parsed, delivery: u8) -> Option<*mut CtEnt
     Some(ct)
 }
 
-/// A flow a peer node tunnels to local pod `p.key.daddr` now owns the pod's tuple (client
-/// address and port -> pod): this node's own entry for the same client tuple and pod (an
-/// older flow that entered through this node: a closing TCP one, or any UDP one) would
-/// otherwise catch the pod's replies first ([`reply_lookup`]) and send them to the client
-/// from this node's frontend, which the client drops. It is marked closed beyond the grace.
-/// A TCP entry that is not closing is a live connection on the same tuple (the client used
-/// the port towards two nodes at once): the pod can serve only one, and the live one keeps
-/// it. Entries to another pod, or of flows this node tunnels or SNATs, are untouched.
+/// A UDP flow a peer node tunnels to local pod `p.key.daddr` now owns the pod's tuple
+/// (client address and port -> pod): this node's own entry for the same client tuple and pod
+/// (an older flow that entered through this node) would otherwise catch the pod's replies
+/// first ([`reply_lookup`]) and send them to the client from this node's frontend, which the
+/// client drops: it is marked closed beyond the grace, the latest flow wins. One CONNTRACK
+/// lookup per tunnelled datagram. TCP needs none: a new connection's SYN-ACK ends the old
+/// entry's grace in [`reply_lookup`], and a live connection on the same tuple keeps the pod.
+/// Entries to another pod, or of flows this node tunnels or SNATs, are untouched.
 #[inline(always)]
 pub fn ct_supersede_local(cfg: &Config, p: &Parsed) {
     let key = FlowKey {
@@ -411,18 +420,22 @@ pub fn ct_supersede_local(cfg: &Config, p: &Parsed) {
         return;
     };
     let e = unsafe { &mut *ct };
-    if e.flags & (CT_SNAT | CT_TUNNEL) != 0
-        || (p.key.proto == PROTO_TCP && e.flags & CT_CLOSING == 0)
-    {
+    if e.flags & (CT_SNAT | CT_TUNNEL) != 0 {
         return;
     }
     let Some(be) = backend(e.backend_id) else {
         return;
     };
     if be.addr[0] == p.key.daddr && be.port == p.key.dport {
-        e.flags |= CT_CLOSING;
-        e.stamp_s = now_s().wrapping_sub(cfg.close_grace_s).wrapping_sub(1);
+        ct_expire(cfg, e);
     }
+}
+
+/// Marks a flow's entry closed longer ago than the grace: it no longer matches anything.
+#[inline(always)]
+fn ct_expire(cfg: &Config, e: &mut CtEntry) {
+    e.flags |= CT_CLOSING;
+    e.stamp_s = now_s().wrapping_sub(cfg.close_grace_s).wrapping_sub(1);
 }
 
 /// The packet's flow hash: its Maglev slot and its first SNAT port probe. Computed once per

@@ -319,7 +319,7 @@ fn tunnel_in(
     if let Some(ep) = unsafe { LOCAL_ENDPOINTS.get(&inner.key.daddr) } {
         let ep = *ep;
         record_return(&inner, outer_saddr, ingress, peer_mac, node_mac, overhead);
-        if inner.opens_flow() {
+        if inner.key.proto == PROTO_UDP {
             lb::ct_supersede_local(cfg, &inner);
         }
         tunnel::decap_xdp(ctx, l3_off, overhead, &ep.mac, &ep.node_mac)?;

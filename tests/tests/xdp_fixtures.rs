@@ -2061,22 +2061,36 @@ fn a_tunnelled_flow_takes_a_tuple_over_from_an_old_local_flow() {
         );
         assert_eq!(stat(&dp, Reason::TunnelIn), before + 1);
 
-        let (tunnel, rev_local) = (
-            stat(&dp, Reason::TunnelReply),
-            stat(&dp, Reason::RevNatLocal),
-        );
-        let (v, out) = dp
-            .test_run_tc(&pod_reply(8080, port, |p| p.ack().payload(b"data")))
-            .unwrap();
-        assert_eq!(v, TC_ACT_REDIRECT);
         if close_first {
-            // The old flow's entry within its grace no longer matches: through the tunnel.
-            assert_eq!(stat(&dp, Reason::TunnelReply), tunnel + 1, "port {port}");
-            assert_eq!(
-                (outer(&out).dst, outer(&out).proto),
-                (NODE1, lb_tests::packet::IPPROTO_IPIP)
-            );
+            // The old flow's entry, closing but within its grace, does not take the pod's
+            // SYN-ACK, which ends that grace: the SYN-ACK and every later reply go through
+            // the tunnel. (The owning node looks nothing up in CONNTRACK for a tunnelled SYN.)
+            let tunnel = stat(&dp, Reason::TunnelReply);
+            for (i, reply) in [
+                pod_reply(8080, port, |p| p.syn().ack()),
+                pod_reply(8080, port, |p| p.ack().payload(b"data")),
+            ]
+            .iter()
+            .enumerate()
+            {
+                let (v, out) = dp.test_run_tc(reply).unwrap();
+                assert_eq!(v, TC_ACT_REDIRECT);
+                assert_eq!(
+                    stat(&dp, Reason::TunnelReply),
+                    tunnel + 1 + i as u64,
+                    "port {port}, reply {i}"
+                );
+                assert_eq!(
+                    (outer(&out).dst, outer(&out).proto),
+                    (NODE1, lb_tests::packet::IPPROTO_IPIP)
+                );
+            }
         } else {
+            let rev_local = stat(&dp, Reason::RevNatLocal);
+            let (v, out) = dp
+                .test_run_tc(&pod_reply(8080, port, |p| p.ack().payload(b"data")))
+                .unwrap();
+            assert_eq!(v, TC_ACT_REDIRECT);
             // A live local connection on the tuple keeps it.
             assert_eq!(stat(&dp, Reason::RevNatLocal), rev_local + 1, "port {port}");
             assert_eq!(outer(&out).src, NODE);
