@@ -1516,11 +1516,6 @@ impl ControlPlane {
             .write(&format!("{name}.kubeconfig"), text.as_bytes())
     }
 
-    /// The release's own kubectl binary.
-    pub fn kubectl_path(&self) -> &Path {
-        &self.binaries.kubectl
-    }
-
     /// `kubectl --kubeconfig <local kubeconfig>`, the release's own kubectl, for the test
     /// process in the root namespace.
     pub fn kubectl(&self) -> Command {

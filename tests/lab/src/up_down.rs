@@ -145,11 +145,14 @@ fn up_hints(cluster: &Cluster) -> Vec<Hint> {
         ),
     ];
     if let Ok(cp) = lab.control_plane() {
-        let kubectl = format!(
-            "{} --kubeconfig {}",
-            cp.kubectl_path().display(),
-            cp.local_kubeconfig().display()
-        );
+        // The test harness's own kubectl command line (the release's kubectl, the loopback
+        // kubeconfig), as one shell line.
+        let cmd = cp.kubectl();
+        let kubectl = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ");
         hints.push(hint(
             format!("{kubectl} -n {UI_NS} annotate service {UI_SERVICE} {ACCELERATE_ANNOTATION}=false --overwrite"),
             "ui-nlb through kube-proxy",
