@@ -410,7 +410,7 @@ fn up_keeps_the_lab_until_down() {
 
     // Every hint it printed runs as printed, from the machine's own namespace (lab
     // addresses only inside lab namespaces, the API server through the loopback forwarder).
-    let mut next = || {
+    let next = || {
         rx.recv_timeout(Duration::from_secs(30))
             .unwrap_or_else(|_| panic!("lab up stopped printing:\n{}", up_log()))
     };
